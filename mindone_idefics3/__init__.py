@@ -1,0 +1,23 @@
+"""Idefics3 / SmolVLM vision-language models in MindSpore.
+
+Public names are imported lazily so that `import mindone_idefics3` stays cheap (MindSpore's import takes seconds)
+and the processor can be used without touching the model side.
+"""
+from .version import __version__
+
+_LAZY = {
+    "Idefics3Config": "mindone_idefics3.config",
+    "Idefics3ForConditionalGeneration": "mindone_idefics3.model.idefics3",
+    "Idefics3Processor": "mindone_idefics3.processing.processor",
+    "Idefics3Error": "mindone_idefics3.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mindone_idefics3' has no attribute {name!r}")

@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "mindone_idefics3" / "version.py").read_text(), version)
+
+setup(
+    name="mindone_idefics3",
+    version=version["__version__"],
+    description="Idefics3 / SmolVLM vision-language models in MindSpore for Ascend NPUs (and CPU)",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mindone_idefics3", "mindone_idefics3.*"]),
+    install_requires=[
+        "mindspore==2.10.0",
+        "numpy<2",  # MindSpore 2.10 is built against NumPy 1.x
+        "pillow>=9.1",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The reference implementation every parity test compares against (CPU torch wheel).
+        "test": ["pytest>=7", "torch==2.13.0", "transformers==4.57.1"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "idefics3-generate=mindone_idefics3.cli:main",
+            "idefics3-convert=mindone_idefics3.convert:main",
+        ]
+    },
+)
