@@ -1,0 +1,83 @@
+"""Device choice and dtype policy: the one place that knows what each device can run.
+
+MindSpore's CPU backend has no bf16 matmul/softmax/conv kernels and no flash attention (mindspore-notes.md), so
+bf16 is refused on the CPU with a message that says what to use instead. Branch on the device, never probe
+kernels with try/except: on the CPU a missing kernel can fail later, in an unrelated op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import mindspore as ms
+
+from .errors import Idefics3Error
+
+DEVICES = ("Ascend", "CPU")
+_DTYPES = {
+    "fp32": ms.float32, "float32": ms.float32,
+    "fp16": ms.float16, "float16": ms.float16,
+    "bf16": ms.bfloat16, "bfloat16": ms.bfloat16,
+}
+SUPPORTED_DTYPES = {"Ascend": (ms.float32, ms.float16, ms.bfloat16), "CPU": (ms.float32, ms.float16)}
+
+_chosen: Optional[str] = None
+
+
+def ascend_available() -> bool:
+    return bool(ms.device_context.ascend.is_available())
+
+
+def select_device(name: Optional[str] = None) -> str:
+    """Set MindSpore's device once: `name` ('Ascend' or 'CPU', any case), or Ascend when available, else CPU."""
+    global _chosen
+    if name is not None:
+        canonical = {d.lower(): d for d in DEVICES}.get(str(name).lower())
+        if canonical is None:
+            raise Idefics3Error(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+        if canonical == "Ascend" and not ascend_available():
+            raise Idefics3Error("device 'Ascend' was asked for but no Ascend NPU is usable here (MindSpore's Ascend "
+                                "plugin or CANN is missing); use --device CPU")
+    else:
+        canonical = _chosen or ("Ascend" if ascend_available() else "CPU")
+    if _chosen is not None and canonical != _chosen:
+        raise Idefics3Error(f"this process already runs on {_chosen}; MindSpore cannot switch to {canonical} "
+                            "afterwards: start a new process")
+    if _chosen is None:
+        ms.set_device(canonical)
+        _chosen = canonical
+    return canonical
+
+
+def current_device() -> str:
+    """The device in use (selecting the default one if nothing was chosen yet)."""
+    return _chosen or select_device()
+
+
+def is_ascend() -> bool:
+    return current_device() == "Ascend"
+
+
+def resolve_dtype(dtype: Union[str, "ms.dtype.Type", None], device: Optional[str] = None):
+    """Turn 'bf16'/'fp16'/'fp32' (or a MindSpore dtype) into a MindSpore dtype the device can run.
+
+    None means the device's default: bf16 on Ascend, fp32 on the CPU.
+    """
+    device = device or current_device()
+    if dtype is None:
+        return ms.bfloat16 if device == "Ascend" else ms.float32
+    if isinstance(dtype, str):
+        resolved = _DTYPES.get(dtype.lower())
+        if resolved is None:
+            raise Idefics3Error(f"unknown dtype {dtype!r}; choose one of bf16, fp16, fp32")
+    elif dtype in (ms.float32, ms.float16, ms.bfloat16):
+        resolved = dtype
+    else:
+        raise Idefics3Error(f"unsupported dtype {dtype!r}; choose one of bf16, fp16, fp32")
+    if resolved not in SUPPORTED_DTYPES[device]:
+        raise Idefics3Error(f"dtype {dtype_name(resolved)} is not supported by MindSpore's {device} backend "
+                            "(no bf16 matmul/softmax kernels); use fp32/fp16 or an Ascend device")
+    return resolved
+
+
+def dtype_name(dtype) -> str:
+    return {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}.get(dtype, str(dtype))

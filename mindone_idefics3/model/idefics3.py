@@ -1,0 +1,234 @@
+"""Idefics3: SigLIP tiles → pixel shuffle → written into the `<image>` token positions of a Llama 3 prompt."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from ..config import Idefics3Config
+from ..device import current_device, resolve_dtype, select_device
+from ..errors import Idefics3Error
+from .connector import Connector
+from .layers import Linear
+from .llama import LlamaModel
+from .vision import VisionTransformer, patch_layout
+
+ArrayLike = Union[np.ndarray, Tensor, list]
+
+
+def to_numpy(x: ArrayLike, name: str) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.asnumpy()
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as e:  # noqa: BLE001 - anything numpy cannot read is the caller's mistake
+        raise Idefics3Error(f"{name} must be a numpy array or a MindSpore tensor ({e})") from None
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Rotary positions of a left-padded batch: real tokens count from 0; pads get 1 (as transformers' generate)."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 1, positions).astype(np.int32)
+
+
+@dataclass
+class VisionInputs:
+    """The real (non-padding) tiles of a batch, with their patch masks and position ids (host-side layout)."""
+
+    pixel_values: np.ndarray  # (T, 3, H, W)
+    patch_keep: np.ndarray  # (T, P) bool
+    position_ids: np.ndarray  # (T, P) int32
+
+
+def prepare_vision_inputs(pixel_values: ArrayLike, pixel_attention_mask: Optional[ArrayLike],
+                          patch_size: int, patches_per_side: int) -> Optional[VisionInputs]:
+    """Flatten (B, I, 3, H, W) to tiles, drop all-zero padding images, derive patch masks and position ids."""
+    pv = to_numpy(pixel_values, "pixel_values")
+    if pv.ndim != 5 or pv.shape[2] != 3:
+        raise Idefics3Error(f"pixel_values must be (batch, images, 3, height, width), got shape {pv.shape}")
+    b, i, c, h, w = pv.shape
+    if h < patch_size or w < patch_size:
+        raise Idefics3Error(f"pixel_values are {h}x{w} pixels, smaller than one {patch_size}x{patch_size} patch")
+    tiles = pv.reshape(b * i, c, h, w)
+    real = ~np.all(tiles == 0, axis=(1, 2, 3))  # padding images are all zeros (count over C·H·W)
+    if pixel_attention_mask is None:
+        keep = np.ones((b * i, h, w), bool)
+    else:
+        pam = to_numpy(pixel_attention_mask, "pixel_attention_mask")
+        if pam.shape != (b, i, h, w):
+            raise Idefics3Error(f"pixel_attention_mask must be (batch, images, height, width) = {(b, i, h, w)} to "
+                                f"match pixel_values, got {pam.shape}")
+        keep = pam.reshape(b * i, h, w).astype(bool)
+    if not real.any():
+        return None
+    patch_keep, position_ids = patch_layout(keep[real], patch_size, patches_per_side)
+    return VisionInputs(np.ascontiguousarray(tiles[real]), patch_keep, position_ids)
+
+
+@dataclass
+class Idefics3Output:
+    logits: Tensor  # (B, S, vocab), or (B, 1, vocab) with last_only
+    image_hidden_states: Optional[Tensor] = None  # (T, image_seq_len, text hidden)
+
+
+class Idefics3Model(nn.Cell):
+    def __init__(self, cfg: Idefics3Config, dtype=ms.float32):
+        super().__init__()
+        self.vision_model = VisionTransformer(cfg.vision_config, dtype)
+        self.connector = Connector(cfg, dtype)
+        self.text_model = LlamaModel(cfg.text_config, dtype)
+
+    def image_features(self, vision: VisionInputs, dtype) -> Tensor:
+        """(T, image_seq_len, text hidden) features of the real tiles."""
+        hidden = self.vision_model(Tensor(vision.pixel_values, dtype), Tensor(vision.patch_keep),
+                                   Tensor(vision.position_ids))
+        return self.connector(hidden)
+
+
+class Idefics3ForConditionalGeneration(nn.Cell):
+    """The full model. Parameter names are transformers' (`model.vision_model.*`, `model.text_model.*`, `lm_head`)
+    except the fused `qkv_proj`/`gate_up_proj` (see weights.py)."""
+
+    def __init__(self, config: Idefics3Config, dtype=ms.float32):
+        super().__init__()
+        self.config, self.dtype = config, dtype
+        self.model = Idefics3Model(config, dtype)
+        self.tied = bool(config.text_config.tie_word_embeddings)
+        if not self.tied:
+            self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False,
+                                  dtype=dtype)
+        self.lm_matmul = ops.MatMul(transpose_b=True)
+        self.generation_config: dict = {}
+        self.model_dir: Optional[str] = None
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: Union[str, os.PathLike], dtype=None, *, device: Optional[str] = None,
+                        cache_dir: Optional[str] = None, revision: Optional[str] = None,
+                        progress: bool = True) -> "Idefics3ForConditionalGeneration":
+        """Load a Hugging Face Idefics3 checkpoint (directory or hub repo id) straight into `dtype`.
+
+        dtype: ms.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'; None = bf16 on Ascend, fp32 on the CPU.
+        Weights are not randomly initialised first; a checkpoint that does not match the config is refused whole.
+        """
+        from ..weights import CheckpointReader, load_weights, resolve_model_dir
+
+        device = select_device(device)
+        ms_dtype = resolve_dtype(dtype, device)
+        model_dir = resolve_model_dir(path_or_repo_id, cache_dir=cache_dir, revision=revision)
+        config = Idefics3Config.from_json_file(model_dir / "config.json")
+        reader = CheckpointReader(model_dir)
+        with nn.utils.no_init_parameters():
+            model = cls(config, ms_dtype)
+        params = {p.name: p for p in model.get_parameters()}
+        # A tied checkpoint may still carry lm_head.weight; the embedding is what the model uses.
+        load_weights(params, reader, ms_dtype, ignore=lambda n: model.tied and n == "lm_head.weight",
+                     progress=progress)
+        model.generation_config = _read_json(model_dir / "generation_config.json")
+        model.model_dir = str(model_dir)
+        model.set_train(False)
+        return model
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(B, S, H) → (B, S, vocab) fp32."""
+        b, s, h = hidden.shape
+        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
+        return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
+
+    def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None):
+        """Token embeddings (B, S, H) with the image features written into the `<image>` positions.
+
+        Returns (embeddings, image features or None). The number of `<image>` tokens must equal
+        (real images) × image_seq_len.
+        """
+        cfg = self.config
+        embeds = self.model.text_model.embed_tokens(Tensor(input_ids))
+        image_positions = np.flatnonzero(input_ids.reshape(-1) == cfg.image_token_id)
+        vision = None
+        if pixel_values is not None:
+            vision = prepare_vision_inputs(pixel_values, pixel_attention_mask, cfg.vision_config.patch_size,
+                                           cfg.vision_config.patches_per_side)
+        n_tiles = 0 if vision is None else len(vision.pixel_values)
+        if image_positions.size != n_tiles * cfg.image_seq_len:
+            raise Idefics3Error(
+                f"the prompt holds {image_positions.size} <image> tokens but pixel_values hold {n_tiles} image "
+                f"tile(s) × {cfg.image_seq_len} tokens = {n_tiles * cfg.image_seq_len}; build the prompt with the "
+                "processor (it expands each <image> to the tokens of its tiles) and pass the images it returned")
+        if vision is None:
+            return embeds, None
+        features = self.model.image_features(vision, self.dtype)
+        b, s, h = embeds.shape
+        # One gather merges both: row i of the result is token i's embedding, or the next image feature.
+        index = np.arange(b * s, dtype=np.int32)
+        index[image_positions] = b * s + np.arange(image_positions.size, dtype=np.int32)
+        merged = ops.gather(ops.cat((embeds.reshape(b * s, h), features.reshape(-1, h)), axis=0),
+                            Tensor(index), 0)
+        return merged.reshape(b, s, h), features
+
+    # ------------------------------------------------------------------------------------------ forward
+    def construct(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
+                  pixel_values: Optional[ArrayLike] = None, pixel_attention_mask: Optional[ArrayLike] = None,
+                  last_only: bool = False) -> Idefics3Output:
+        """A full forward pass, no cache (see generation.py for prefill + decode).
+
+        input_ids (B, S) int32/int64; attention_mask (B, S), 1 = real token (left padding); pixel_values
+        (B, I, 3, H, W); pixel_attention_mask (B, I, H, W). Rotary positions follow the attention mask, as
+        in transformers' generate. Returns logits (B, S, vocab) fp32 (only the last position with last_only).
+        """
+        ids = self.check_input_ids(input_ids)
+        mask = self.check_attention_mask(attention_mask, ids.shape)
+        embeds, features = self.embed_prompt(ids, pixel_values, pixel_attention_mask)
+        s = ids.shape[1]
+        hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), Tensor(mask.astype(bool)),
+                                       Tensor(np.arange(s, dtype=np.int32)))
+        if last_only:
+            hidden = hidden[:, -1:]
+        return Idefics3Output(self.logits(hidden), features)
+
+    def check_input_ids(self, input_ids: ArrayLike) -> np.ndarray:
+        ids = to_numpy(input_ids, "input_ids")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise Idefics3Error(f"input_ids must be a non-empty (batch, seq) integer array, got {ids.dtype} "
+                                f"{ids.shape}")
+        vocab = self.config.text_config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise Idefics3Error(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
+        return ids.astype(np.int32)
+
+    @staticmethod
+    def check_attention_mask(attention_mask: Optional[ArrayLike], shape) -> np.ndarray:
+        if attention_mask is None:
+            return np.ones(shape, np.int32)
+        mask = to_numpy(attention_mask, "attention_mask")
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != tuple(shape):
+            raise Idefics3Error(f"attention_mask has shape {mask.shape}, input_ids {tuple(shape)}; they must match")
+        if not mask.any(axis=-1).all():
+            raise Idefics3Error("attention_mask has a row without any real token")
+        return mask.astype(np.int32)
+
+    @property
+    def device(self) -> str:
+        return current_device()
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Idefics3Error(f"{path} is not valid JSON ({e})") from None

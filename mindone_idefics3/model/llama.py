@@ -1,0 +1,102 @@
+"""Llama 3 decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, optional static KV cache.
+
+q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`); the loader builds the
+fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..config import TextConfig
+from ..ops.attention import attention, make_keep_mask, split_heads
+from ..ops.kv_cache import KVCache
+from ..ops.norms import RMSNorm
+from ..ops.rope import RotaryEmbedding, apply_rotary
+from .layers import Embedding, Linear
+
+
+class LlamaAttention(nn.Cell):
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
+        self.kv_cache: Optional[KVCache] = None
+
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, keep: Tensor, slots: Tensor) -> Tensor:
+        q, k, v = split_heads(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache(slots, k, v)
+        return self.o_proj(attention(q, k, v, keep, self.scale))
+
+
+class LlamaMLP(nn.Cell):
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        gate, up = ops.split(self.gate_up_proj(x), self.intermediate, axis=-1)
+        return self.down_proj(ops.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Cell):
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(cfg, dtype)
+
+    def construct(self, x, cos, sin, keep, slots):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, keep, slots)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Cell):
+    """Token embeddings, decoder layers, final norm. Parameter names follow `model.text_model.*` of transformers."""
+
+    def __init__(self, cfg: TextConfig, dtype=ms.float32):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.CellList([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.rotary_emb = RotaryEmbedding(cfg, dtype)
+        self.cache_shape: Optional[tuple] = None
+
+    def setup_caches(self, batch: int, max_length: int) -> None:
+        """Preallocate a static KV cache of `max_length` slots per layer (replacing any previous one)."""
+        if self.cache_shape == (batch, max_length):
+            return
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim,
+                                               self.dtype, name=f"kv_cache.{i}")
+        self.cache_shape = (batch, max_length)
+
+    def drop_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+        self.cache_shape = None
+
+    def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, slots: Tensor) -> Tensor:
+        """Run the decoder over S new tokens.
+
+        inputs_embeds (B, S, H); position_ids (B, S) int32 (rotary positions, per row); slots (S,) int32: the
+        key index of each new token — 0..S−1 without a cache, its cache slots with one; key_keep (B, Sk) bool:
+        False for padded keys (Sk = S without a cache, the cache length with one). Returns (B, S, H).
+        """
+        cos, sin = self.rotary_emb(position_ids)
+        keep = make_keep_mask(key_keep, slots)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, keep, slots)
+        return self.norm(h)
