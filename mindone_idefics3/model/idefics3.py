@@ -217,6 +217,19 @@ class Idefics3ForConditionalGeneration(nn.Cell):
             raise Idefics3Error("attention_mask has a row without any real token")
         return mask.astype(np.int32)
 
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **kwargs):
+        """Prompt + new tokens, (B, S + new) int64; see `mindone_idefics3.generation.generate` for the options
+        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, streamer).
+        Options not given come from the checkpoint's generation_config.json."""
+        from ..generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                        **{**self.generation_defaults(), **kwargs})
+
+    def generation_defaults(self) -> dict:
+        known = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+        return {k: self.generation_config[k] for k in known if self.generation_config.get(k) is not None}
+
     @property
     def device(self) -> str:
         return current_device()

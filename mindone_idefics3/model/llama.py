@@ -28,11 +28,13 @@ class LlamaAttention(nn.Cell):
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
         self.kv_cache: Optional[KVCache] = None
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, keep: Tensor, slots: Tensor) -> Tensor:
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, keep: Tensor, slots: Tensor, compiled: bool) -> Tensor:
         q, k, v = split_heads(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache(slots, k, v)
+            cache_k, cache_v = self.kv_cache(slots, k, v, compiled)
+            if keep.shape[-1] == cache_k.shape[2]:  # decode: attend over the cache; prefill: over the prompt
+                k, v = cache_k, cache_v
         return self.o_proj(attention(q, k, v, keep, self.scale))
 
 
@@ -56,8 +58,8 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def construct(self, x, cos, sin, keep, slots):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, keep, slots)
+    def construct(self, x, cos, sin, keep, slots, compiled):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, keep, slots, compiled)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -72,11 +74,13 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg, dtype)
         self.cache_shape: Optional[tuple] = None
+        self.compiled_steps: dict = {}  # functions compiled against the current caches (generation.py)
 
     def setup_caches(self, batch: int, max_length: int) -> None:
         """Preallocate a static KV cache of `max_length` slots per layer (replacing any previous one)."""
         if self.cache_shape == (batch, max_length):
             return
+        self.compiled_steps = {}  # graphs compiled against the old caches would keep using them
         for i, layer in enumerate(self.layers):
             layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim,
                                                self.dtype, name=f"kv_cache.{i}")
@@ -86,17 +90,21 @@ class LlamaModel(nn.Cell):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         self.cache_shape = None
+        self.compiled_steps = {}
 
-    def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, slots: Tensor) -> Tensor:
+    def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, slots: Tensor,
+                  compiled: bool = False) -> Tensor:
         """Run the decoder over S new tokens.
 
         inputs_embeds (B, S, H); position_ids (B, S) int32 (rotary positions, per row); slots (S,) int32: the
-        key index of each new token — 0..S−1 without a cache, its cache slots with one; key_keep (B, Sk) bool:
-        False for padded keys (Sk = S without a cache, the cache length with one). Returns (B, S, H).
+        key index of each new token; key_keep (B, Sk) bool, False for padded keys. With Sk = S the tokens attend
+        to each other (a forward, or a prefill that starts at slot 0 and also fills the cache); with Sk = cache
+        length they attend to the whole cache (decode). compiled: True inside a `mindspore.jit` graph (how the
+        cache is written, see kv_cache.py). Returns (B, S, H).
         """
         cos, sin = self.rotary_emb(position_ids)
         keep = make_keep_mask(key_keep, slots)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, keep, slots)
+            h = layer(h, cos, sin, keep, slots, compiled)
         return self.norm(h)
