@@ -86,8 +86,8 @@ class Idefics3Model(nn.Cell):
 
     def image_features(self, vision: VisionInputs, dtype) -> Tensor:
         """(T, image_seq_len, text hidden) features of the real tiles."""
-        hidden = self.vision_model(Tensor(vision.pixel_values, dtype), Tensor(vision.patch_keep),
-                                   Tensor(vision.position_ids))
+        keep = None if vision.patch_keep.all() else Tensor(vision.patch_keep)
+        hidden = self.vision_model(Tensor(vision.pixel_values, dtype), keep, Tensor(vision.position_ids))
         return self.connector(hidden)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import mindspore as ms
 import numpy as np
@@ -141,7 +142,7 @@ class VisionEncoder(nn.Cell):
 
 
 class VisionTransformer(nn.Cell):
-    """pixel_values (T, C, H, W), patch_keep (T, P) bool, position_ids (T, P) int32 → (T, P, D)."""
+    """pixel_values (T, C, H, W), patch_keep (T, P) bool or None, position_ids (T, P) int32 → (T, P, D)."""
 
     def __init__(self, cfg: VisionConfig, dtype=ms.float32):
         super().__init__()
@@ -149,7 +150,8 @@ class VisionTransformer(nn.Cell):
         self.encoder = VisionEncoder(cfg, dtype)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
-    def construct(self, pixel_values: Tensor, patch_keep: Tensor, position_ids: Tensor) -> Tensor:
+    def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
+        """patch_keep None: every patch is real (full tiles), no mask needed."""
         x = self.embeddings(pixel_values, position_ids)
-        x = self.encoder(x, make_keep_mask(patch_keep))
+        x = self.encoder(x, None if patch_keep is None else make_keep_mask(patch_keep))
         return self.post_layernorm(x)

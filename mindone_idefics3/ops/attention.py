@@ -44,18 +44,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: fl
     """Scaled dot-product attention with grouped KV heads.
 
     q: (B, Nq, Sq, D); k, v: (B, Nkv, Sk, D) with Nq a multiple of Nkv (head h reads KV head h // (Nq/Nkv), as
-    transformers' `repeat_kv`); keep: bool, broadcastable to (B, 1, Sq, Sk), or None.
+    transformers' `repeat_kv`); keep: bool, broadcastable to (B, 1, Sq, Sk), or None when every key is
+    visible to every query.
     Returns (B, Sq, Nq·D), ready for the output projection. Softmax runs in fp32 whatever the input dtype.
     """
     b, nq, sq, d = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     rep = nq // nkv
     # Group the query heads that share a KV head instead of repeating K and V in memory.
-    scores = ops.matmul(q.reshape(b, nkv, rep * sq, d), k.swapaxes(-1, -2))
-    scores = scores.astype(ms.float32) * scale
-    scores = scores.reshape(b, nkv, rep, sq, sk)
+    scores = _matmul_qk(q.reshape(b, nkv, rep * sq, d), k)
+    if scores.dtype != ms.float32:
+        scores = scores.astype(ms.float32)
+    scores = (scores * scale).reshape(b, nkv, rep, sq, sk)
     if keep is not None:
-        scores = ops.masked_fill(scores, ops.logical_not(keep[:, :, None]), _FP32_MIN)
+        scores = ops.where(keep[:, :, None], scores, _FP32_MIN)
     probs = ops.softmax(scores, axis=-1).astype(q.dtype).reshape(b, nkv, rep * sq, sk)
     out = ops.matmul(probs, v).reshape(b, nq, sq, d)
     return out.swapaxes(1, 2).reshape(b, sq, nq * d)
+
+
+_matmul_qk = ops.BatchMatMul(transpose_b=True)
