@@ -6,6 +6,7 @@ kernels with try/except: on the CPU a missing kernel can fail later, in an unrel
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import mindspore as ms
@@ -44,8 +45,25 @@ def select_device(name: Optional[str] = None) -> str:
                             "afterwards: start a new process")
     if _chosen is None:
         ms.set_device(canonical)
+        if canonical == "CPU":
+            ms.device_context.cpu.op_tuning.threads_num(cpu_threads())
         _chosen = canonical
     return canonical
+
+
+def cpu_threads() -> int:
+    """Kernel threads for MindSpore's CPU backend: $MINDONE_CPU_THREADS, else the cores this process may use.
+
+    Left at MindSpore's default, a 2-core machine here spent 1–4 ms on a 57k-element multiply instead of ~50 µs
+    (the pool is sized for the host, not for the cores the process is allowed to run on).
+    """
+    env = os.environ.get("MINDONE_CPU_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise Idefics3Error(f"MINDONE_CPU_THREADS must be a positive integer, got {env!r}") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def current_device() -> str:
