@@ -267,3 +267,27 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise Idefics3Error(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise Idefics3Error(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def stream_generate(model, processor, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+                    *, skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+    """Yield the answer to one prompt as text pieces while tokens arrive.
+
+    Pieces never split a multi-byte character and concatenate to `processor.batch_decode(new_ids,
+    skip_special_tokens=...)`. Options as in `generate` (and the checkpoint's generation_config.json defaults).
+    """
+    from .processing.tokenizer import IncrementalDetokenizer
+
+    ids = model.check_input_ids(input_ids)
+    if ids.shape[0] != 1:
+        raise Idefics3Error(f"stream_generate streams one prompt, got a batch of {ids.shape[0]}; use "
+                            "generate(..., streamer=...) for batches")
+    detok = IncrementalDetokenizer(processor.tokenizer, skip_special_tokens=skip_special_tokens)
+    options = {**model.generation_defaults(), **kwargs}
+    for token in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, **options):
+        piece = detok.add(int(token[0]))
+        if piece:
+            yield piece
+    tail = detok.flush()
+    if tail:
+        yield tail
