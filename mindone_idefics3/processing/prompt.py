@@ -47,7 +47,7 @@ def expand_prompt(text: str, rows: Sequence[int], cols: Sequence[int], image_seq
 
 
 def image_token_count(rows: int, cols: int, image_seq_len: int) -> int:
-    """How many tokens `image_block` yields when every tag is one token (the model's view of one image)."""
+    """Tokens of `image_block` when every tag is one token and "\n\n" is one token (Llama 3), as transformers."""
     return (image_seq_len + 3) + ((image_seq_len + 2) * cols + 1) * rows
 
 
