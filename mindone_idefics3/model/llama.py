@@ -1,7 +1,8 @@
 """Llama 3 decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, optional static KV cache.
 
 q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`); the loader builds the
-fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels.
+fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels. Attention goes through
+the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where ops/kernels.py says so.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
-from ..ops.attention import attention, make_keep_mask, split_heads
+from ..ops import kernels
+from ..ops.attention import make_attention
 from ..ops.kv_cache import KVCache
 from ..ops.norms import RMSNorm
 from ..ops.rope import RotaryEmbedding, apply_rotary
@@ -19,23 +21,30 @@ from .layers import Embedding, Linear
 
 
 class LlamaAttention(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, attention: nn.Cell):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.scale = self.head_dim**-0.5
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
+        self.attention = attention  # the model's attention backend (shared by its layers)
+        self.fused_rope = kernels.fused_ops()
         self.kv_cache: Optional[KVCache] = None
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, keep: Tensor, slots: Tensor, compiled: bool) -> Tensor:
-        q, k, v = split_heads(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask, slots: Tensor, over_cache: bool,
+                  compiled: bool) -> Tensor:
+        b, s, _ = x.shape
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = ops.split(self.qkv_proj(x), ((nq + nkv) * d, nkv * d), axis=-1)
+        # q and k heads rotated in one call, in (B, S, N, D) layout (see ops/rope.py)
+        qk = apply_rotary(qk.reshape(b, s, nq + nkv, d), cos, sin, self.fused_rope)
+        q, k = ops.split(qk.swapaxes(1, 2), (nq, nkv), axis=1)  # (B, N, S, D)
+        v = v.reshape(b, s, nkv, d).swapaxes(1, 2)
         if self.kv_cache is not None:
             cache_k, cache_v = self.kv_cache(slots, k, v, compiled)
-            if keep.shape[-1] == cache_k.shape[2]:  # decode: attend over the cache; prefill: over the prompt
+            if over_cache:  # decode: attend over the cache; prefill: over the prompt
                 k, v = cache_k, cache_v
-        return self.o_proj(attention(q, k, v, keep, self.scale))
+        return self.o_proj(self.attention(q, k, v, mask))
 
 
 class LlamaMLP(nn.Cell):
@@ -44,23 +53,28 @@ class LlamaMLP(nn.Cell):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.fused = kernels.fused_ops()
 
     def construct(self, x: Tensor) -> Tensor:
-        gate, up = ops.split(self.gate_up_proj(x), self.intermediate, axis=-1)
+        gate_up = self.gate_up_proj(x)  # gate ‖ up: swiglu's silu(first half) · second half
+        if self.fused:
+            return self.down_proj(kernels.swiglu(gate_up, -1))
+        gate, up = ops.split(gate_up, self.intermediate, axis=-1)
         return self.down_proj(ops.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype):
+    def __init__(self, cfg: TextConfig, dtype, attention: nn.Cell):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(cfg, dtype)
+        self.self_attn = LlamaAttention(cfg, dtype, attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def construct(self, x, cos, sin, keep, slots, compiled):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, keep, slots, compiled)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def construct(self, x, cos, sin, mask, slots, over_cache, compiled):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, over_cache, compiled)
+        h, normed = self.post_attention_layernorm.add_and_norm(x, attn)  # h = x + attn, normed = norm(h)
+        return h + self.mlp(normed)
 
 
 class LlamaModel(nn.Cell):
@@ -70,7 +84,9 @@ class LlamaModel(nn.Cell):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.CellList([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.attention = make_attention(cfg.head_dim, dtype)
+        self.layers = nn.CellList([LlamaDecoderLayer(cfg, dtype, self.attention)
+                                   for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg, dtype)
         self.cache_shape: Optional[tuple] = None
@@ -92,19 +108,20 @@ class LlamaModel(nn.Cell):
         self.cache_shape = None
         self.compiled_steps = {}
 
-    def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, slots: Tensor,
+    def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor,
                   compiled: bool = False) -> Tensor:
         """Run the decoder over S new tokens.
 
         inputs_embeds (B, S, H); position_ids (B, S) int32 (rotary positions, per row); slots (S,) int32: the
-        key index of each new token; key_keep (B, Sk) bool, False for padded keys. With Sk = S the tokens attend
-        to each other (a forward, or a prefill that starts at slot 0 and also fills the cache); with Sk = cache
-        length they attend to the whole cache (decode). compiled: True inside a `mindspore.jit` graph (how the
-        cache is written, see kv_cache.py). Returns (B, S, H).
+        key index of each new token; key_keep (B, Sk) bool, False for padded keys, or None when no key is padded
+        (then Sk = S). With Sk = S the tokens attend to each other (a forward, or a prefill that starts at slot 0
+        and also fills the cache); with Sk = cache length they attend to the whole cache (decode). compiled: True
+        inside a `mindspore.jit` graph (how the cache is written, see kv_cache.py). Returns (B, S, H).
         """
         cos, sin = self.rotary_emb(position_ids)
-        keep = make_keep_mask(key_keep, slots)
+        over_cache = key_keep is not None and key_keep.shape[1] != inputs_embeds.shape[1]
+        mask = self.attention.mask(key_keep, slots, compiled)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, keep, slots, compiled)
+            h = layer(h, cos, sin, mask, slots, over_cache, compiled)
         return self.norm(h)

@@ -11,7 +11,7 @@ from mindspore.common.initializer import initializer
 
 from ..config import VisionConfig
 from ..errors import Idefics3Error
-from ..ops.attention import attention, make_keep_mask, split_heads
+from ..ops.attention import make_attention, split_heads
 from ..ops.norms import LayerNorm
 from .layers import Embedding, Linear
 
@@ -95,16 +95,16 @@ class VisionEmbeddings(nn.Cell):
 
 
 class VisionAttention(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, attention: nn.Cell):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, dtype=dtype)  # q, k, v fused
         self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype)
+        self.attention = attention  # the tower's attention backend (shared by its layers)
 
-    def construct(self, x: Tensor, keep: Tensor) -> Tensor:
+    def construct(self, x: Tensor, mask) -> Tensor:
         q, k, v = split_heads(self.qkv_proj(x), self.num_heads, self.num_heads, self.head_dim)
-        return self.out_proj(attention(q, k, v, keep, self.scale))
+        return self.out_proj(self.attention(q, k, v, mask))
 
 
 class VisionMLP(nn.Cell):
@@ -118,26 +118,26 @@ class VisionMLP(nn.Cell):
 
 
 class VisionEncoderLayer(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, attention: nn.Cell):
         super().__init__()
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.self_attn = VisionAttention(cfg, dtype)
+        self.self_attn = VisionAttention(cfg, dtype, attention)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.mlp = VisionMLP(cfg, dtype)
 
-    def construct(self, x: Tensor, keep: Tensor) -> Tensor:
-        h = x + self.self_attn(self.layer_norm1(x), keep)
+    def construct(self, x: Tensor, mask) -> Tensor:
+        h = x + self.self_attn(self.layer_norm1(x), mask)
         return h + self.mlp(self.layer_norm2(h))
 
 
 class VisionEncoder(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype):
+    def __init__(self, cfg: VisionConfig, dtype, attention: nn.Cell):
         super().__init__()
-        self.layers = nn.CellList([VisionEncoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.CellList([VisionEncoderLayer(cfg, dtype, attention) for _ in range(cfg.num_hidden_layers)])
 
-    def construct(self, x: Tensor, keep: Tensor) -> Tensor:
+    def construct(self, x: Tensor, mask) -> Tensor:
         for layer in self.layers:
-            x = layer(x, keep)
+            x = layer(x, mask)
         return x
 
 
@@ -147,11 +147,12 @@ class VisionTransformer(nn.Cell):
     def __init__(self, cfg: VisionConfig, dtype=ms.float32):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg, dtype)
-        self.encoder = VisionEncoder(cfg, dtype)
+        self.attention = make_attention(cfg.head_dim, dtype)
+        self.encoder = VisionEncoder(cfg, dtype, self.attention)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
     def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
         """patch_keep None: every patch is real (full tiles), no mask needed."""
         x = self.embeddings(pixel_values, position_ids)
-        x = self.encoder(x, None if patch_keep is None else make_keep_mask(patch_keep))
+        x = self.encoder(x, self.attention.mask(patch_keep))
         return self.post_layernorm(x)

@@ -1,17 +1,59 @@
-"""The attention seam: every attention call of the model (vision and text) goes through `attention()`.
+"""The attention seam: every attention call of the model (vision and text) goes through an attention backend.
 
-Everything above this file is backend-agnostic: callers hand over q/k/v in (batch, heads, seq, head_dim) layout
-and a boolean *keep* mask (True = attend, the Hugging Face polarity). This file decides how to compute it.
-For now there is one backend, eager math (matmul, fp32 softmax, matmul) that runs on every device.
+A model builds its backend once, `make_attention(head_dim, dtype)`, and shares it with its attention layers; the
+choice (ops/kernels.py: eager math on the CPU and for fp32, Ascend kernels on an Ascend device for fp16/bf16) is
+a Python constant from then on, so a `mindspore.jit` graph compiles one backend only. Callers never look inside:
+
+    mask = backend.mask(key_keep, q_slots, in_graph)   # once per forward, shared by the layers
+    out = backend(q, k, v, mask)                        # per layer: q (B, Nq, Sq, D), k/v (B, Nkv, Sk, D)
+                                                        #   → (B, Sq, Nq·D), ready for the output projection
+
+What the mask describes, whatever the backend:
+- key_keep: (B, Sk) bool, False for padded keys; None when every key is real.
+- q_slots: (Sq,) int32, the key index each query sits at, for causal attention (query i sees keys ≤ q_slots[i]);
+  None for bidirectional attention (vision).
+- Sk = Sq: the queries attend to their own tokens (vision, a forward, a prefill). Sk > Sq: they attend to a KV
+  cache of Sk slots (decode).
+
+What each backend receives:
+- `EagerAttention`: a bool keep mask (True = attend, Hugging Face polarity), (B, 1, Sq, Sk) or (B, 1, 1, Sk), or
+  None; matmul → fp32 softmax → matmul, grouped KV heads without repeating them in memory.
+- `AscendAttention`: `(sparse_mode, discard, kv_lengths)` with discard a bool mask, 1/True = do NOT attend (the
+  kernels' polarity), then
+  - own tokens → `flash_attention_score`, layout BNSD, native GQA:
+    vision, no padded patch: no mask;  vision with padded patches: discard (B, 1, S, S), sparse_mode 0;
+    text without padding: the compressed causal mask triu(ones(2048, 2048), 1) with sparse_mode 3
+    (rightDownCausal; equal to leftUpCausal here since Sq = Sk); text with left padding: discard (B, 1, S, S) =
+    not (causal and real key), sparse_mode 0 — the compressed mask cannot express padding, and the kernels take
+    no (B, Sk) key mask. A padded query row would then see no key at all, whose output the kernels do not define
+    (the fused-infer docs warn of precision loss for all-masked rows): padded rows attend to themselves instead.
+    Their outputs are never read (padded keys stay masked, padded logits are not compared).
+  - a KV cache → `fused_infer_attention_score` (one query token: its incremental path), layout BNSD,
+    num_key_value_heads = Nkv (native GQA), atten_mask = discard (B, 1, Sq, Sk) = not (causal and real key),
+    actual_seq_lengths_kv = last query slot + 1 per row, so the kernel skips the unused tail of the cache.
+  Head dims that are not a multiple of 16 (SigLIP's 72; the tiny test models) are zero-padded to the next one and
+  the output sliced back; zeros add nothing to q·k, and the scale stays the real head_dim^-0.5. Text head dims of
+  the released checkpoints (64, 128) need no padding, so the decode path never copies the cache for it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import mindspore as ms
-from mindspore import Tensor, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from . import kernels
 
 _FP32_MIN = -3.4028234663852886e38  # torch.finfo(float32).min, what transformers fills masked scores with
+COMPRESSED_MASK_SIZE = 2048  # the kernels' compressed causal mask is always 2048 × 2048
+HEAD_DIM_MULTIPLE = 16  # flash / fused-infer attention take head dims that are multiples of 16
+
+
+def make_attention(head_dim: int, dtype) -> nn.Cell:
+    """The attention backend of a model whose heads are `head_dim` wide, in `dtype` (decided in ops/kernels.py)."""
+    return AscendAttention(head_dim) if kernels.attention_kernels(dtype) else EagerAttention(head_dim)
 
 
 def split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
@@ -25,23 +67,24 @@ def split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
     return q, k, v
 
 
-def make_keep_mask(key_keep: Tensor, q_slots: Optional[Tensor] = None) -> Tensor:
-    """Boolean keep mask for `attention`.
+def make_keep_mask(key_keep: Optional[Tensor], q_slots: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Boolean keep mask (True = attend) from the seam's mask description (see the module docstring).
 
-    key_keep: (B, Sk) bool, False for padded keys. q_slots: (Sq,) int32 — the key index each query sits at, for
-    causal attention (query i may see keys 0..q_slots[i]); None for bidirectional attention (vision).
-    Returns (B, 1, Sq, Sk) when causal, else (B, 1, 1, Sk).
+    Returns (B, 1, Sq, Sk) when causal ((1, 1, Sq, Sq) when key_keep is None), (B, 1, 1, Sk) when not, or None
+    when neither causal nor padded.
     """
-    keep = key_keep.astype(ms.bool_)[:, None, None, :]
     if q_slots is None:
-        return keep
-    k_slots = ops.arange(key_keep.shape[1], dtype=ms.int32)
-    causal = k_slots[None, :] <= q_slots.astype(ms.int32)[:, None]
-    return ops.logical_and(keep, causal[None, None])
+        return None if key_keep is None else key_keep.astype(ms.bool_)[:, None, None, :]
+    sk = q_slots.shape[0] if key_keep is None else key_keep.shape[1]
+    k_slots = ops.arange(sk, dtype=ms.int32)
+    causal = (k_slots[None, :] <= q_slots.astype(ms.int32)[:, None])[None, None]
+    if key_keep is None:
+        return causal
+    return ops.logical_and(key_keep.astype(ms.bool_)[:, None, None, :], causal)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: float) -> Tensor:
-    """Scaled dot-product attention with grouped KV heads.
+    """Eager scaled dot-product attention with grouped KV heads.
 
     q: (B, Nq, Sq, D); k, v: (B, Nkv, Sk, D) with Nq a multiple of Nkv (head h reads KV head h // (Nq/Nkv), as
     transformers' `repeat_kv`); keep: bool, broadcastable to (B, 1, Sq, Sk), or None when every key is
@@ -64,3 +107,80 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: fl
 
 
 _matmul_qk = ops.BatchMatMul(transpose_b=True)
+
+
+class EagerAttention(nn.Cell):
+    """matmul → fp32 softmax → matmul; runs on every device and dtype."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.scale = head_dim**-0.5
+
+    def mask(self, key_keep: Optional[Tensor], q_slots: Optional[Tensor] = None, in_graph: bool = False):
+        """The keep mask for `construct`; in_graph is unused here (see AscendAttention.mask)."""
+        return make_keep_mask(key_keep, q_slots)
+
+    def construct(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        return attention(q, k, v, mask, self.scale)
+
+
+@functools.lru_cache(maxsize=1)
+def compressed_causal_mask() -> Tensor:
+    """triu(ones(2048, 2048), 1) as bool: the template sparse_mode 2/3 expect (True = discard)."""
+    return Tensor(np.triu(np.ones((COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE), np.bool_), 1))
+
+
+class AscendAttention(nn.Cell):
+    """Ascend's flash_attention_score (queries over their own tokens) and fused_infer_attention_score (over a KV
+    cache), fp16/bf16, in their documented contracts (tests/kernel_reference.py encodes them)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.scale = head_dim**-0.5  # of the real head dim, also when q/k are zero-padded
+        self.pad = -head_dim % HEAD_DIM_MULTIPLE
+        self.causal_template = compressed_causal_mask()
+
+    def mask(self, key_keep: Optional[Tensor], q_slots: Optional[Tensor] = None, in_graph: bool = False):
+        """(sparse_mode, discard or None, kv_lengths or None) — see the module docstring.
+
+        in_graph: True inside a `mindspore.jit` graph. Outside one (a PyNative prefill), an all-real key_keep is
+        recognised with one host read of the (B, S) mask, so unpadded prompts take the compressed causal mask;
+        inside, a key_keep tensor always takes the full mask (correct, only slower). Callers that know there is
+        no padding pass key_keep=None and skip the read.
+        """
+        if q_slots is None:  # bidirectional (vision)
+            if key_keep is None:
+                return 0, None, None
+            s = key_keep.shape[1]
+            discard = ops.logical_not(key_keep.astype(ms.bool_))[:, None, None, :]
+            return 0, ops.broadcast_to(discard, (key_keep.shape[0], 1, s, s)), None
+        sq = q_slots.shape[0]
+        if key_keep is not None and key_keep.shape[1] != sq:  # decode against a KV cache
+            discard = ops.logical_not(make_keep_mask(key_keep, q_slots))  # (B, 1, Sq, Sk)
+            kv_lengths = ops.broadcast_to((q_slots[-1:] + 1).astype(ms.int64), (key_keep.shape[0],))
+            return 0, discard, kv_lengths
+        if not in_graph:
+            if key_keep is not None and bool(key_keep.all()):
+                key_keep = None
+        if key_keep is None:  # causal, no padding
+            return 3, self.causal_template, None
+        k_slots = ops.arange(sq, dtype=ms.int32)
+        diagonal = (k_slots[None, :] == q_slots.astype(ms.int32)[:, None])[None, None]
+        keep = ops.logical_or(make_keep_mask(key_keep, q_slots), diagonal)  # padded rows see themselves
+        return 0, ops.logical_not(keep), None
+
+    def construct(self, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+        sparse_mode, discard, kv_lengths = mask
+        b, nq, sq, d = q.shape
+        if self.pad:
+            q, k, v = ops.pad(q, (0, self.pad)), ops.pad(k, (0, self.pad)), ops.pad(v, (0, self.pad))
+        if kv_lengths is None:
+            out = kernels.flash_attention_score(q, k, v, nq, attn_mask=discard, scalar_value=self.scale,
+                                                input_layout="BNSD", sparse_mode=sparse_mode)
+        else:
+            out, _ = kernels.fused_infer_attention_score(
+                q, k, v, atten_mask=discard, actual_seq_lengths_kv=kv_lengths, num_heads=nq, scale=self.scale,
+                input_layout="BNSD", num_key_value_heads=k.shape[1], inner_precise=0)
+        if self.pad:
+            out = out[..., :d]
+        return out.swapaxes(1, 2).reshape(b, sq, nq * d)

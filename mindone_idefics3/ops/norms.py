@@ -1,23 +1,46 @@
-"""Normalisation layers with Hugging Face parameter names (`weight`, `bias`)."""
+"""Normalisation layers with Hugging Face parameter names (`weight`, `bias`).
+
+RMSNorm uses Ascend's fused `rms_norm` / `add_rms_norm` where ops/kernels.py says so. Their documented formula is
+x / rms(x) · weight with no rounding in between, where transformers rounds x / rms(x) to the input dtype before
+scaling: equal in fp32, in fp16/bf16 they may differ by a rounding step (tests/ascend's tolerances cover it).
+"""
 from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+from . import kernels
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale (transformers' order)."""
+    x32 = x.astype(ms.float32)
+    variance = ops.mean(x32 * x32, -1, keep_dims=True)
+    return weight * (x32 * ops.rsqrt(variance + eps)).astype(x.dtype)
+
 
 class RMSNorm(nn.Cell):
-    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale (transformers' order)."""
+    """RMSNorm over the last axis (eager, or Ascend's fused kernel)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype=ms.float32):
         super().__init__()
         self.weight = Parameter(initializer("ones", (hidden_size,), dtype))
         self.eps = eps
+        self.fused = kernels.fused_ops()
 
     def construct(self, x: Tensor) -> Tensor:
-        x32 = x.astype(ms.float32)
-        variance = ops.mean(x32 * x32, -1, keep_dims=True)
-        return self.weight * (x32 * ops.rsqrt(variance + self.eps)).astype(x.dtype)
+        if self.fused:
+            return kernels.rms_norm(x, self.weight, self.eps)[0]
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: Tensor, delta: Tensor):
+        """The residual sum and its norm: (x + delta, norm(x + delta)), one `add_rms_norm` kernel on Ascend."""
+        if self.fused:
+            normed, _, total = kernels.add_rms_norm(x, delta, self.weight, self.eps)
+            return total, normed
+        total = x + delta
+        return total, rms_norm(total, self.weight, self.eps)
 
 
 class LayerNorm(nn.Cell):

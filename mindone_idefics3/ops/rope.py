@@ -2,6 +2,12 @@
 
 The inverse frequencies are computed once on the host in fp32; cos/sin are computed in the graph from the position
 ids (fp32, as transformers does), so no position table of max_position_embeddings rows is ever allocated.
+
+The rotation is applied in (batch, seq, heads, head_dim) layout, to the q and k heads together, before the heads
+move forward for attention: Ascend's fused `rotary_position_embedding` takes that layout (cos/sin (B, S, 1, D))
+for any shape, while in (B, N, S, D) it is documented as not allowed when B·N > 8·S — every decode step. With
+q and k together there are always ≥ 2 heads, so the shapes cannot be read as (B, N, S, D) either. The eager math
+is elementwise: layout and grouping do not change its result.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
+from . import kernels
 
 
 def inverse_frequencies(cfg: TextConfig) -> np.ndarray:
@@ -38,7 +45,7 @@ def inverse_frequencies(cfg: TextConfig) -> np.ndarray:
 
 
 class RotaryEmbedding(nn.Cell):
-    """position_ids (B, S) int → cos, sin (B, 1, S, head_dim) in `dtype` (computed in fp32)."""
+    """position_ids (B, S) int → cos, sin (B, S, 1, head_dim) in `dtype` (computed in fp32)."""
 
     def __init__(self, cfg: TextConfig, dtype=ms.float32):
         super().__init__()
@@ -47,7 +54,7 @@ class RotaryEmbedding(nn.Cell):
 
     def construct(self, position_ids: Tensor):
         freqs = position_ids.astype(ms.float32)[:, :, None] * self.inv_freq[None, None, :]
-        emb = ops.cat((freqs, freqs), axis=-1)[:, None]
+        emb = ops.cat((freqs, freqs), axis=-1)[:, :, None]
         return ops.cos(emb).astype(self.dtype), ops.sin(emb).astype(self.dtype)
 
 
@@ -56,6 +63,11 @@ def rotate_half(x: Tensor) -> Tensor:
     return ops.cat((-x[..., half:], x[..., :half]), axis=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, N, S, D) rotated by the angles of cos/sin (B, 1, S, D) (rotate-half convention)."""
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, fused: bool = False) -> Tensor:
+    """x (B, S, N, D) rotated by the angles of cos/sin (B, S, 1, D) (rotate-half convention, as HF Llama).
+
+    fused: Ascend's `rotary_position_embedding` in mode 0 (rotate-half), layout BSND.
+    """
+    if fused:
+        return kernels.rotary_position_embedding(x, cos, sin, 0)
     return x * cos + rotate_half(x) * sin
