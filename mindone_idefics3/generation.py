@@ -155,7 +155,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     Returns the last position's logits (B, V) fp32 and the key mask (B, cache_len) bool the decode steps use:
     the prompt's attention mask, then every generated slot (causality keeps future slots out).
     """
-    from .model.idefics3 import position_ids_from_mask
+    from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 
     b, s = ids.shape
     text = model.model.text_model
@@ -163,7 +163,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     key_keep = np.ones((b, cache_len), bool)
     key_keep[:, :s] = mask.astype(bool)
     embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask)
-    hidden = text(embeds, Tensor(position_ids_from_mask(mask)), Tensor(mask.astype(bool)),
+    hidden = text(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
                   Tensor(np.arange(s, dtype=np.int32)))
     return model.logits(hidden[:, -1:])[:, -1], Tensor(key_keep)
 

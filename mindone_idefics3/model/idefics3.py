@@ -37,6 +37,11 @@ def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 1, positions).astype(np.int32)
 
 
+def key_keep_or_none(mask: np.ndarray) -> Optional[Tensor]:
+    """The decoder's key mask for a prompt: None when nothing is padded (lets Ascend use its compressed mask)."""
+    return None if mask.all() else Tensor(mask.astype(bool))
+
+
 @dataclass
 class VisionInputs:
     """The real (non-padding) tiles of a batch, with their patch masks and position ids (host-side layout)."""
@@ -186,7 +191,7 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         mask = self.check_attention_mask(attention_mask, ids.shape)
         embeds, features = self.embed_prompt(ids, pixel_values, pixel_attention_mask)
         s = ids.shape[1]
-        hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), Tensor(mask.astype(bool)),
+        hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
                                        Tensor(np.arange(s, dtype=np.int32)))
         if last_only:
             hidden = hidden[:, -1:]
