@@ -79,7 +79,7 @@ def test_batch_with_0_to_3_images_per_prompt_matches(checkpoint, split):
 def test_call_options_longest_edge_5x364(pair):
     ours, ref = pair
     prompts, images = batch(ours, [1, 0, 2])
-    kwargs = dict(padding=True, size={"longest_edge": 5 * 364}, do_image_splitting=True)
+    kwargs = dict(padding=True, size={"longest_edge": 5 * 364})
     assert_same(ours(text=prompts, images=images, **kwargs),
                 ref(text=prompts, images=images, return_tensors="np", **kwargs))
 
@@ -87,12 +87,25 @@ def test_call_options_longest_edge_5x364(pair):
 @pytest.mark.slow
 @pytest.mark.parametrize("split", [True, False], ids=["split", "nosplit"])
 @pytest.mark.parametrize("edge", [2 * 364, 4 * 364, 5 * 364])
-def test_all_sizes_batch_matches(pair, split, edge):
-    ours, ref = pair
+def test_all_sizes_batch_matches(checkpoint, split, edge):
+    ours = Idefics3Processor.from_pretrained(checkpoint, do_image_splitting=split)
+    ref = reference(checkpoint, do_image_splitting=split)
     prompts, images = batch(ours, [3, 1, 0, 3])
-    kwargs = dict(padding=True, size={"longest_edge": edge}, do_image_splitting=split)
+    kwargs = dict(padding=True, size={"longest_edge": edge})
     assert_same(ours(text=prompts, images=images, **kwargs),
                 ref(text=prompts, images=images, return_tensors="np", **kwargs))
+
+
+def test_per_call_do_image_splitting_is_honoured(checkpoint, pair):
+    """transformers 4.57.1 ignores do_image_splitting passed to __call__ (its kwargs type lacks it, it only warns);
+    ours applies it, giving what the reference gives when the option is set at load time."""
+    ours, ref = pair
+    prompts, images = batch(ours, [1])
+    ignored = ref(text=prompts, images=images, return_tensors="np", do_image_splitting=False)
+    assert_same(ignored, ref(text=prompts, images=images, return_tensors="np"))  # the reference still splits
+    loaded_without = reference(checkpoint, do_image_splitting=False)
+    assert_same(ours(text=prompts, images=images, do_image_splitting=False),
+                loaded_without(text=prompts, images=images, return_tensors="np"))
 
 
 def test_single_prompt_text_only_and_images_only(pair):
