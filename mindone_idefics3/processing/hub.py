@@ -35,9 +35,10 @@ def resolve_processor_dir(path_or_repo: Union[str, os.PathLike], *, revision: Op
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
-        raise Idefics3Error(f"cannot get the processor files of {name!r}: {why} and they are not in the local "
-                            f"cache; download the repo where there is network (`huggingface-cli download {name} "
-                            "--local-dir DIR`) and pass the local directory DIR instead") from None
+        raise Idefics3Error(f"{name!r} is not a local directory, and as a Hugging Face repo id it cannot be "
+                            f"fetched: {why} and it is not in the local cache; download the repo where there is "
+                            f"network (`huggingface-cli download {name} --local-dir DIR`) and pass the local "
+                            "directory DIR instead") from None
     except HfHubHTTPError as e:
         raise Idefics3Error(f"cannot download {name!r} from the Hugging Face hub ({str(e).splitlines()[0]}); check "
                             "the repo id (gated repos need `huggingface-cli login`) or pass a local directory") from None

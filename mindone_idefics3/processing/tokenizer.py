@@ -76,7 +76,10 @@ class TextTokenizer:
         self.padding_side = padding_side
         self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
         self.chat_template = chat_template
-        missing = [t for t in self.all_special_tokens if backend.token_to_id(t) is None]
+        # as transformers: special tokens that are not added tokens yet become added special tokens (a new id if
+        # the vocabulary lacks them, else their vocabulary id; either way they are now matched whole in any text)
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        missing = [t for t in self.all_special_tokens if t not in added]
         if missing:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
 
