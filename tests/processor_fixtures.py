@@ -32,8 +32,8 @@ IMAGE_SIZES = [(1, 1), (13, 977), (364, 364), (365, 364), (1456, 1456), (3000, 4
 
 WORDS = ("the a an image picture photo of in on with and is are what do we see describe this that there here "
          "statue city bridge water tree building red green blue square circle dog fox quick brown lazy jumps over "
-         "I you it they don't can't it's we're you've I'm café naïve über 東京 画像 🙂 🚀 1 2 3 42 2024 , . ? ! : ; "
-         "( ) ' \" - User Assistant").split()
+         "I you it they don't can't it's we're you've I'm café naïve über 東京 画像 🙂 🚀 1 2 3 42 2024 "
+         ", . ? ! : ; ( ) ' \" - User Assistant").split()
 
 
 def corpus(n_lines: int = 3000, seed: int = 0):
@@ -138,7 +138,8 @@ def reference(path: Path, **kwargs):
 # ------------------------------------------------------------------------------------------------- images
 @functools.lru_cache(maxsize=64)
 def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    """(Cached: do not modify the result in place.) A picture with gradients, edges and noise (so every resampling filter matters), in `mode`.
+    """A picture with gradients, edges and noise (so every resampling filter matters), in `mode`; cached, so do
+    not modify the result in place.
 
     Modes: RGB, RGBA (varying alpha), LA, L, P, P+t (palette with a transparent index), CMYK, I;16 (full 16-bit
     range), 1.

@@ -189,6 +189,7 @@ def test_streamed_pieces_concatenate_to_decode_and_never_split_a_character(bpe_d
 
 def test_stream_emits_while_generating(bpe_dir):
     tokenizer = TextTokenizer.from_pretrained(bpe_dir)
-    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 5 + "東京 🙂!", add_special_tokens=False)
+    text = "The quick brown fox jumps over the lazy dog. " * 5 + "東京 🙂!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
     pieces, tail = stream(tokenizer, ids, True)
     assert len(tail) < 10 and sum(1 for p in pieces if p) > len(ids) // 2

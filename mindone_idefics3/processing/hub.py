@@ -40,8 +40,9 @@ def resolve_processor_dir(path_or_repo: Union[str, os.PathLike], *, revision: Op
                             f"network (`huggingface-cli download {name} --local-dir DIR`) and pass the local "
                             "directory DIR instead") from None
     except HfHubHTTPError as e:
-        raise Idefics3Error(f"cannot download {name!r} from the Hugging Face hub ({str(e).splitlines()[0]}); check "
-                            "the repo id (gated repos need `huggingface-cli login`) or pass a local directory") from None
+        first_line = str(e).splitlines()[0]
+        raise Idefics3Error(f"cannot download {name!r} from the Hugging Face hub ({first_line}); check the repo id "
+                            "(gated repos need `huggingface-cli login`) or pass a local directory") from None
     except OSError as e:
         raise Idefics3Error(f"cannot download {name!r} ({e}); pass a local directory with the checkpoint "
                             "files instead") from None

@@ -62,7 +62,8 @@ def _download(url: str, timeout: float) -> bytes:
         raise Idefics3Error(f"cannot download image {url}: {reason} (timeout {timeout:g} s); check the network, or "
                             "download the image and pass its local path") from None
     if len(data) > MAX_DOWNLOAD_BYTES:
-        raise Idefics3Error(f"image {url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; download and shrink it first")
+        raise Idefics3Error(f"image {url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; download and shrink it "
+                            "first")
     return data
 
 

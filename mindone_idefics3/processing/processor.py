@@ -132,7 +132,8 @@ class Idefics3Processor:
             out["rows"], out["cols"] = batch.rows, batch.cols
             return _convert(out, return_tensors)
         if batch is not None:
-            prompts = [expand_prompt(p, r, c, seq_len, self._tokens) for p, r, c in zip(prompts, batch.rows, batch.cols)]
+            prompts = [expand_prompt(p, r, c, seq_len, self._tokens)
+                       for p, r, c in zip(prompts, batch.rows, batch.cols)]
         ids = self.tokenizer.encode_batch(prompts, add_special_tokens=add_special_tokens)
         if return_tensors is None and padding in (False, None, "do_not_pad"):
             out["input_ids"], out["attention_mask"] = ids, [[1] * len(row) for row in ids]
