@@ -296,6 +296,10 @@ def test_image_count_mismatches_name_both_counts(pair):
 def test_loading_errors(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(Idefics3Error, match="unknown option.*longest_edges"):
         Idefics3Processor.from_pretrained(checkpoint, longest_edges=3)
+    with pytest.raises(Idefics3Error, match="image_seq_len must be a positive integer"):
+        Idefics3Processor.from_pretrained(checkpoint, image_seq_len=0)
+    assert Idefics3Processor.from_pretrained(checkpoint, chat_template="T").apply_chat_template(
+        [{"role": "user", "content": "x"}]) == "T"
     with pytest.raises(Idefics3Error, match="not a Hugging Face repo id"):
         Idefics3Processor.from_pretrained(tmp_path / "missing" / "dir")
     (tmp_path / "file.json").write_text("{}")

@@ -86,10 +86,15 @@ class Idefics3Processor:
             directory, **{k: v for k, v in overrides.items() if k in TOKENIZER_OPTIONS})
         processor_file = directory / "processor_config.json"
         processor_config = _read_json(processor_file) if processor_file.is_file() else {}
-        image_seq_len = overrides.get("image_seq_len") or processor_config.get("image_seq_len") \
-            or _image_seq_len_from_model_config(directory) or DEFAULT_IMAGE_SEQ_LEN
-        chat_template = overrides.get("chat_template") or _processor_chat_template(directory, processor_config) \
-            or tokenizer.chat_template
+        if "image_seq_len" in overrides:
+            image_seq_len = overrides["image_seq_len"]
+        else:
+            image_seq_len = processor_config.get("image_seq_len") or _image_seq_len_from_model_config(directory) \
+                or DEFAULT_IMAGE_SEQ_LEN
+        if "chat_template" in overrides:
+            chat_template = overrides["chat_template"]
+        else:
+            chat_template = _processor_chat_template(directory, processor_config) or tokenizer.chat_template
         return cls(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template)
 
     # ------------------------------------------------------------------------------------------- processing
