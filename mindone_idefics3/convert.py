@@ -295,7 +295,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -333,7 +333,7 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
             os.rename(old, dst)
             raise
         _remove(old)
-    _fsync_dir(dst.parent)
+    _fsync(dst.parent)
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -452,7 +452,8 @@ def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, 
             "copied_files": [p.name for p in extras],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync_dir(tmp)
+        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes them DST
+            _fsync(path)
         _move_into_place(tmp, dst)
     except BaseException:
         _remove(tmp)

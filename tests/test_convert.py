@@ -535,6 +535,25 @@ def test_verification_failure_names_the_tensor_and_leaves_no_dst(src_a, tmp_path
     assert json.loads((dst / "conversion_manifest.json").read_text())["verified"] is False
 
 
+def test_not_enough_space_is_refused_up_front_and_a_full_disk_leaves_no_dst(src_a, tmp_path, capsys, monkeypatch,
+                                                                           ms_cpu):
+    dst = tmp_path / "ms"
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    code, _, err = run(capsys, src_a, dst)
+    assert code == 2 and "has 1.00 kB free; the converted checkpoint needs 252.29 kB" in err
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    def disk_full(path, *args):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "write_shard", disk_full)
+    code, _, err = run(capsys, src_a, dst)
+    assert code == 1 and "No space left on device" in err and f"{dst} was left as it was" in err
+    assert not dst.exists() and not siblings(dst)
+
+
 # The real CLI, with every chunk slowed down so that a signal lands mid-conversion.
 SLOW_CLI = """
 import sys, time
