@@ -92,7 +92,7 @@ def _answer(args: argparse.Namespace) -> int:
     from .device import resolve_dtype, select_device
     from .generation import GenerationStats, stream_generate
     from .processing import load_image
-    from .weights import resolve_model_dir
+    from .hub import resolve_model_dir
 
     device = select_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -45,7 +45,8 @@ import numpy as np
 from .config import Idefics3Config
 from .errors import Idefics3Error
 from .version import __version__
-from .weights import NP_DTYPES, SAFE_INDEX, CheckpointReader, cast, plan_weights, resolve_model_dir
+from .hub import resolve_model_dir
+from .weights import NP_DTYPES, SAFE_INDEX, CheckpointReader, cast, plan_weights
 
 CHUNK_ELEMENTS = 2**20  # per read/cast/write step (2-4 MB: cache-sized, ~2x faster than 32 MB chunks)
 MANIFEST = "conversion_manifest.json"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -26,7 +25,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 # What a model directory needs besides the weights (config, processor, tokenizer, chat template, generation).
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.bfloat16: np_dtype.bfloat16}
 
@@ -37,42 +35,6 @@ FUSED = {
     "gate_up_proj.weight": ("gate_proj.weight", "up_proj.weight"),
     "gate_up_proj.bias": ("gate_proj.bias", "up_proj.bias"),
 }
-
-
-# ----------------------------------------------------------------------------------------------- locating files
-def _looks_like_repo_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "/"))
-
-
-def resolve_model_dir(path_or_repo: Union[str, os.PathLike], *, cache_dir: Optional[str] = None,
-                      revision: Optional[str] = None, allow_patterns: Optional[List[str]] = None) -> Path:
-    """A local directory as is; a hub repo id downloaded (or found in the cache) with huggingface_hub."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise Idefics3Error(f"{path} is a file; pass the model directory that holds config.json")
-    name = str(path_or_repo)
-    if not _looks_like_repo_id(name):
-        raise Idefics3Error(f"{name}: no such directory, and not a Hugging Face repo id (org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=allow_patterns or HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached (no network?)"
-        raise Idefics3Error(f"cannot download {name!r}: {why} and it is not in the local cache; download it on a "
-                            "machine with network (`huggingface-cli download " + name + " --local-dir DIR`) and "
-                            "pass the directory instead") from None
-    except HfHubHTTPError as e:
-        raise Idefics3Error(f"cannot download {name!r} from the Hugging Face hub: {str(e).splitlines()[0]}; "
-                            "check the repo id (and `huggingface-cli login` for gated repos) or pass a local "
-                            "directory") from None
-    except OSError as e:  # connection errors surface as OSError subclasses
-        raise Idefics3Error(f"cannot download {name!r}: {e}; pass a local directory instead") from None
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -87,7 +87,7 @@ def test_missing_directory_and_offline_repo_id(tmp_path, monkeypatch, ms_cpu):
         Model.from_pretrained(str(tmp_path / "nope"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(Idefics3Error, match="HF_HUB_OFFLINE is set.*pass the directory"):
+    with pytest.raises(Idefics3Error, match="HF_HUB_OFFLINE is set.*pass the local directory"):
         Model.from_pretrained("someorg/not-cached-model", cache_dir=str(tmp_path / "hub"))
 
 

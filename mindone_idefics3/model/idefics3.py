@@ -122,7 +122,8 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         dtype: ms.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'; None = bf16 on Ascend, fp32 on the CPU.
         Weights are not randomly initialised first; a checkpoint that does not match the config is refused whole.
         """
-        from ..weights import CheckpointReader, load_weights, resolve_model_dir
+        from ..hub import resolve_model_dir
+        from ..weights import CheckpointReader, load_weights
 
         device = select_device(device)
         ms_dtype = resolve_dtype(dtype, device)

@@ -8,7 +8,6 @@ slice-setitem (in place, one slot per decode step), and in PyNative by `ops.assi
 """
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..errors import Idefics3Error
 from . import chat_template as templates
-from .hub import resolve_processor_dir
+from ..hub import PROCESSOR_FILES, resolve_model_dir
 from .image import Idefics3ImageProcessor, ImageProcessorConfig
 from .image_io import load_image
 from .prompt import ImageTokens, expand_prompt, group_images
@@ -76,7 +76,8 @@ class Idefics3Processor:
             raise Idefics3Error(f"unknown option(s) {unknown} for Idefics3Processor.from_pretrained; valid: image "
                                 f"{sorted(IMAGE_OPTIONS)}, processor {list(PROCESSOR_OPTIONS)}, tokenizer "
                                 f"{list(TOKENIZER_OPTIONS)}")
-        directory = resolve_processor_dir(path_or_repo, revision=revision, cache_dir=cache_dir)
+        directory = resolve_model_dir(path_or_repo, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=PROCESSOR_FILES)
         preprocessor_file = directory / "preprocessor_config.json"
         if not preprocessor_file.is_file():
             raise Idefics3Error(f"{directory} has no preprocessor_config.json; copy it from the original checkpoint")
