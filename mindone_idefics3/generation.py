@@ -20,6 +20,7 @@ from .errors import Idefics3Error
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so compiled steps are reused
+PREFILL_BUCKET = 64  # compiled prefills see prompt lengths rounded up to a multiple of this
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -149,23 +150,64 @@ def decode_step_fn(model, greedy: bool, use_jit: bool) -> Callable:
     return steps[key]
 
 
-def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attention_mask, cache_len: int):
-    """Set up a (B, cache_len) static cache and run vision + the whole prompt into slots 0..S-1.
+class PrefillStep(nn.Cell):
+    """The prompt's embeddings through the decoder into cache slots 0..S-1 → last position's logits (B, V)."""
+
+    def __init__(self, model, compiled: bool):
+        super().__init__()
+        self.lm = model
+        self.in_graph = compiled
+
+    def construct(self, embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor):
+        hidden = self.lm.model.text_model(embeds, position_ids, key_keep, slots, self.in_graph)
+        return self.lm.logits(hidden[:, -1:])[:, -1]
+
+
+def prompt_slots(prompt_len: int, use_jit: bool) -> int:
+    """Cache slots a prompt takes: compiled prefills see lengths rounded up to PREFILL_BUCKET (extra left padding,
+    masked), so one graph serves every prompt length of a bucket."""
+    return -(-prompt_len // PREFILL_BUCKET) * PREFILL_BUCKET if use_jit else prompt_len
+
+
+def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attention_mask, cache_len: int,
+            use_jit: bool = False):
+    """Set up a (B, cache_len) static cache; run vision + the whole prompt into its first `prompt_slots` slots.
 
     Returns the last position's logits (B, V) fp32 and the key mask (B, cache_len) bool the decode steps use:
-    the prompt's attention mask, then every generated slot (causality keeps future slots out).
+    the (left-padded) prompt's mask, then every generated slot (causality keeps future slots out).
     """
     from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 
     b, s = ids.shape
     text = model.model.text_model
     text.setup_caches(b, cache_len)
+    embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit)
+    slots = prompt_slots(s, use_jit)
+    if slots > s:  # more left padding: masked keys, and their rows' outputs are never read
+        embeds = ops.cat((ops.zeros((b, slots - s, embeds.shape[-1]), embeds.dtype), embeds), axis=1)
+        mask = np.concatenate([np.zeros((b, slots - s), mask.dtype), mask], axis=1)
     key_keep = np.ones((b, cache_len), bool)
-    key_keep[:, :s] = mask.astype(bool)
-    embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask)
-    hidden = text(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
-                  Tensor(np.arange(s, dtype=np.int32)))
-    return model.logits(hidden[:, -1:])[:, -1], Tensor(key_keep)
+    key_keep[:, :slots] = mask.astype(bool)
+    step = prefill_step_fn(model, use_jit)
+    logits = step(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
+                  Tensor(np.arange(slots, dtype=np.int32)))
+    return logits, Tensor(key_keep)
+
+
+def prefill_step_fn(model, use_jit: bool) -> Callable:
+    """The prefill for the model's current caches (compiled once per prompt bucket shape with use_jit)."""
+    steps = model.model.text_model.compiled_steps
+    key = ("prefill", use_jit)
+    if key not in steps:
+        cell = PrefillStep(model, compiled=use_jit)
+        if use_jit:
+            def step(embeds, position_ids, key_keep, slots):
+                return cell(embeds, position_ids, key_keep, slots)
+
+            steps[key] = ms.jit(step, capture_mode="ast")
+        else:
+            steps[key] = cell
+    return steps[key]
 
 
 def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
@@ -200,8 +242,9 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     rng = np.random.default_rng(seed)
 
     t0 = time.perf_counter()
-    cache_len = min(-(-(s + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, context)
-    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len)
+    first_slot = prompt_slots(s, use_jit)  # decode writes from here on
+    cache_len = -(-(first_slot + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit)
     sequences = ids.astype(np.int64)
     next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token
     finished = np.zeros(b, bool)
@@ -225,7 +268,8 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
         if finished.all() or t == max_new_tokens - 1:
             break
         t_step = time.perf_counter()
-        out = step(Tensor(token[:, None].astype(np.int32)), Tensor(next_pos), Tensor([s + t], ms.int32), key_keep)
+        out = step(Tensor(token[:, None].astype(np.int32)), Tensor(next_pos), Tensor([first_slot + t], ms.int32),
+                   key_keep)
         token = out.asnumpy().astype(np.int64) if greedy else from_logits(out.asnumpy())
         elapsed = time.perf_counter() - t_step
         if t == 0:

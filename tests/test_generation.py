@@ -11,8 +11,8 @@ from conftest import relative_l2
 from inputs import make_batch
 from mindone_idefics3 import Idefics3ForConditionalGeneration as Model
 from mindone_idefics3.errors import Idefics3Error
-from mindone_idefics3.generation import (decode_step_fn, prefill, sample, stop_token_ids, top_k_top_p_filter,
-                                         apply_repetition_penalty)
+from mindone_idefics3.generation import (apply_repetition_penalty, decode_step_fn, prefill, prompt_slots, sample,
+                                         stop_token_ids, top_k_top_p_filter)
 
 CASES = {
     "one_image": dict(images_per_row=[1], text_lens=[7]),
@@ -60,11 +60,16 @@ def test_greedy_ids_equal_reference_tied_model(ckpt_b, ms_cpu):
     np.testing.assert_array_equal(ours, reference_generate(ckpt_b, ids, mask, pv, pam, 32))
 
 
-def test_cached_decode_logits_equal_full_forward(ckpt_a, model_a):
-    """At every decode step, the compiled step's logits equal a full forward over the whole sequence."""
+@pytest.mark.parametrize("compiled_prefill", [False, True], ids=["pynative_prefill", "compiled_prefill"])
+def test_cached_decode_logits_equal_full_forward(ckpt_a, model_a, compiled_prefill):
+    """At every decode step, the compiled step's logits equal a full forward over the whole sequence (after a
+    PyNative prefill, or a compiled one whose prompt is left-padded to its bucket)."""
     ids, mask, pv, pam = make_batch(ckpt_a, [1, 2], [3, 6], np.random.default_rng(7))
     b, s = ids.shape
-    logits, key_keep = prefill(model_a, ids.astype(np.int32), mask, pv, pam, cache_len=64)
+    first_slot = prompt_slots(s, compiled_prefill)
+    assert first_slot == (64 if compiled_prefill else s)
+    logits, key_keep = prefill(model_a, ids.astype(np.int32), mask, pv, pam, cache_len=128,
+                               use_jit=compiled_prefill)
     step = decode_step_fn(model_a, greedy=False, use_jit=True)
     seq, m = ids.copy(), mask.copy()
     rng = np.random.default_rng(0)
@@ -74,7 +79,7 @@ def test_cached_decode_logits_equal_full_forward(ckpt_a, model_a):
         token = rng.integers(3, 280, size=(b, 1))  # any token: the cache must follow whatever was fed
         seq, m = np.concatenate([seq, token], 1), np.concatenate([m, np.ones((b, 1), m.dtype)], 1)
         logits = step(Tensor(token.astype(np.int32)), Tensor(m.sum(-1, keepdims=True).astype(np.int32) - 1),
-                      Tensor([s + t], ms.int32), key_keep)
+                      Tensor([first_slot + t], ms.int32), key_keep)
 
 
 def test_same_seed_same_ids_and_top_k_1_is_greedy(ckpt_a, model_a):
@@ -177,5 +182,5 @@ def test_compiled_and_pynative_steps_share_the_cache(ckpt_a, model_a):
     ref_x, ref_y = reference_generate(ckpt_a, *x, 28), reference_generate(ckpt_a, *y, 28)
     for data, ref, use_jit in ((y, ref_y, True), (x, ref_x, False), (y, ref_y, True), (x, ref_x, True)):
         out = model_a.generate(*data, max_new_tokens=28, eos_token_id=[], use_jit=use_jit)
-        assert model_a.model.text_model.cache_shape == (1, 64)
+        assert model_a.model.text_model.cache_shape == (1, 128 if use_jit else 64)
         np.testing.assert_array_equal(out, ref)

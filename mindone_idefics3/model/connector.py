@@ -13,15 +13,19 @@ from .layers import Linear
 def pixel_shuffle(x: Tensor, s: int) -> Tensor:
     """(T, n², D) → (T, (n/s)², D·s²), the same view/permute order as transformers' Idefics3Connector."""
     t, seq, d = x.shape
-    n = math.isqrt(seq)
-    if n * n != seq or n % s:
-        raise Idefics3Error(f"the vision tower produced {seq} patches per tile; pixel shuffle needs a square grid "
-                            f"whose side is a multiple of scale_factor={s} (pad tiles to a square, as the "
-                            "processor does)")
+    n = math.isqrt(seq)  # the caller checked the grid (check_patch_grid): this runs inside compiled graphs too
     x = x.reshape(t, n, n // s, d * s)
     x = x.transpose(0, 2, 1, 3).reshape(t, n // s, n // s, d * s * s)
     x = x.transpose(0, 2, 1, 3).reshape(t, seq // (s * s), d * s * s)
     return x
+
+
+def check_patch_grid(grid_h: int, grid_w: int, s: int) -> None:
+    """Pixel shuffle needs a square patch grid whose side is a multiple of the scale factor."""
+    if grid_h != grid_w or grid_h % s:
+        raise Idefics3Error(f"image tiles of {grid_h}x{grid_w} patches cannot be pixel-shuffled: the grid must be "
+                            f"square with a side that is a multiple of scale_factor={s} (pad tiles to a square of "
+                            "the vision image size, as the processor does)")
 
 
 class ModalityProjection(nn.Cell):

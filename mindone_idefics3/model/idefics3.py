@@ -12,7 +12,7 @@ from mindspore import Tensor, nn, ops
 from ..config import Idefics3Config
 from ..device import current_device, resolve_dtype, select_device
 from ..errors import Idefics3Error
-from .connector import Connector
+from .connector import Connector, check_patch_grid
 from .layers import Linear
 from .llama import LlamaModel
 from .vision import VisionTransformer, patch_layout
@@ -85,15 +85,31 @@ class Idefics3Output:
 class Idefics3Model(nn.Cell):
     def __init__(self, cfg: Idefics3Config, dtype=ms.float32):
         super().__init__()
+        self.patch_size, self.scale_factor = cfg.vision_config.patch_size, cfg.scale_factor
         self.vision_model = VisionTransformer(cfg.vision_config, dtype)
         self.connector = Connector(cfg, dtype)
         self.text_model = LlamaModel(cfg.text_config, dtype)
 
-    def image_features(self, vision: VisionInputs, dtype) -> Tensor:
-        """(T, image_seq_len, text hidden) features of the real tiles."""
+    def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
+        """Vision tower + connector: tiles (T, 3, H, W) → (T, image_seq_len, text hidden)."""
+        return self.connector(self.vision_model(pixel_values, patch_keep, position_ids))
+
+    def image_features(self, vision: VisionInputs, dtype, use_jit: bool = False) -> Tensor:
+        """(T, image_seq_len, text hidden) features of the real tiles; compiled once per tile stack shape with
+        use_jit."""
+        h, w = vision.pixel_values.shape[-2:]
+        check_patch_grid(h // self.patch_size, w // self.patch_size, self.scale_factor)
         keep = None if vision.patch_keep.all() else Tensor(vision.patch_keep)
-        hidden = self.vision_model(Tensor(vision.pixel_values, dtype), keep, Tensor(vision.position_ids))
-        return self.connector(hidden)
+        run = self.compiled_vision() if use_jit else self
+        return run(Tensor(vision.pixel_values, dtype), keep, Tensor(vision.position_ids))
+
+    def compiled_vision(self):
+        if getattr(self, "_compiled_vision", None) is None:
+            def vision(pixel_values, patch_keep, position_ids):
+                return self(pixel_values, patch_keep, position_ids)
+
+            self._compiled_vision = ms.jit(vision, capture_mode="ast")
+        return self._compiled_vision
 
 
 class Idefics3ForConditionalGeneration(nn.Cell):
@@ -148,11 +164,12 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
         return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
 
-    def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None):
+    def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
+                     use_jit: bool = False):
         """Token embeddings (B, S, H) with the image features written into the `<image>` positions.
 
         Returns (embeddings, image features or None). The number of `<image>` tokens must equal
-        (real images) × image_seq_len.
+        (real images) × image_seq_len. use_jit: run the vision tower as a compiled graph.
         """
         cfg = self.config
         embeds = self.model.text_model.embed_tokens(Tensor(input_ids))
@@ -169,7 +186,7 @@ class Idefics3ForConditionalGeneration(nn.Cell):
                 "processor (it expands each <image> to the tokens of its tiles) and pass the images it returned")
         if vision is None:
             return embeds, None
-        features = self.model.image_features(vision, self.dtype)
+        features = self.model.image_features(vision, self.dtype, use_jit)
         b, s, h = embeds.shape
         # One gather merges both: row i of the result is token i's embedding, or the next image feature.
         index = np.arange(b * s, dtype=np.int32)

@@ -41,9 +41,10 @@ class LlamaAttention(nn.Cell):
         q, k = ops.split(qk.swapaxes(1, 2), (nq, nkv), axis=1)  # (B, N, S, D)
         v = v.reshape(b, s, nkv, d).swapaxes(1, 2)
         if self.kv_cache is not None:
-            cache_k, cache_v = self.kv_cache(slots, k, v, compiled)
-            if over_cache:  # decode: attend over the cache; prefill: over the prompt
-                k, v = cache_k, cache_v
+            if over_cache:  # decode: attend over the whole cache
+                k, v = self.kv_cache(slots, k, v, compiled)
+            else:  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose: when its
+                self.kv_cache(slots, k, v, compiled)  # outputs were unpacked and unused, jit dropped the write.
         return self.o_proj(self.attention(q, k, v, mask))
 
 
