@@ -46,8 +46,6 @@ def build_tokenizer(vocab_size: int = 420):
 
 def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
     """Write config, random safetensors weights (transformers' names), tokenizer, processor and chat template."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
@@ -65,13 +63,8 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
                 rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                   original_max_position_embeddings=256))
     scale = 2
-    config = dict(model_type="idefics3", architectures=["Idefics3ForConditionalGeneration"], scale_factor=scale,
-                  image_token_id=ids["<image>"], pad_token_id=text["pad_token_id"], vision_config=vision,
-                  text_config=text, tie_word_embeddings=False)
-    _write_json(path / "config.json", config)
-    _write_json(path / "generation_config.json", dict(bos_token_id=text["bos_token_id"],
-                                                      eos_token_id=[text["eos_token_id"], ids["<end_of_utterance>"]],
-                                                      pad_token_id=text["pad_token_id"]))
+    write_random_checkpoint(path, vision, text, scale, ids["<image>"], seed=seed,
+                            eos_token_ids=[text["eos_token_id"], ids["<end_of_utterance>"]])
     image_seq_len = (vision["image_size"] // vision["patch_size"] // scale) ** 2
     _write_json(path / "preprocessor_config.json", dict(
         image_processor_type="Idefics3ImageProcessor", processor_class="Idefics3Processor", do_convert_rgb=True,
@@ -90,6 +83,23 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
                                                        pad_token="<|finetune_right_pad_id|>",
                                                        additional_special_tokens=["<fake_token_around_image>",
                                                                                   "<image>", "<end_of_utterance>"]))
+    return path
+
+
+def write_random_checkpoint(path: Union[str, Path], vision: dict, text: dict, scale: int, image_token_id: int, *,
+                            seed: int = 0, eos_token_ids=None) -> Path:
+    """config.json, generation_config.json and random fp32 weights (transformers' names) for the given shapes."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(model_type="idefics3", architectures=["Idefics3ForConditionalGeneration"], scale_factor=scale,
+                  image_token_id=image_token_id, pad_token_id=text.get("pad_token_id"), vision_config=vision,
+                  text_config=text, tie_word_embeddings=False)
+    _write_json(path / "config.json", config)
+    _write_json(path / "generation_config.json", dict(bos_token_id=text.get("bos_token_id"),
+                                                      eos_token_id=eos_token_ids or text.get("eos_token_id"),
+                                                      pad_token_id=text.get("pad_token_id")))
     save_file(_random_weights(vision, text, scale, np.random.default_rng(seed)), str(path / "model.safetensors"),
               metadata={"format": "pt"})
     return path

@@ -112,7 +112,7 @@ class DecodeStep(nn.Cell):
 
     def construct(self, token: Tensor, position: Tensor, slot: Tensor, key_keep: Tensor):
         text = self.lm.model.text_model
-        hidden = text(text.embed_tokens(token), position, key_keep, slot, self.in_graph)
+        hidden = text(text.embed_tokens(token), position, key_keep, slot, "decode", self.in_graph)
         logits = self.lm.logits(hidden)[:, -1]
         if self.greedy:
             return ops.argmax(logits, -1).astype(ms.int32)
@@ -159,7 +159,7 @@ class PrefillStep(nn.Cell):
         self.in_graph = compiled
 
     def construct(self, embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor):
-        hidden = self.lm.model.text_model(embeds, position_ids, key_keep, slots, self.in_graph)
+        hidden = self.lm.model.text_model(embeds, position_ids, key_keep, slots, "fill", self.in_graph)
         return self.lm.logits(hidden[:, -1:])[:, -1]
 
 

@@ -8,7 +8,7 @@ import pytest
 from mindspore import Tensor
 
 from conftest import relative_l2
-from inputs import make_batch
+from inputs import make_batch, reference_logits
 from mindone_idefics3 import Idefics3ForConditionalGeneration as Model
 from mindone_idefics3.errors import Idefics3Error
 from mindone_idefics3.generation import (apply_repetition_penalty, decode_step_fn, prefill, prompt_slots, sample,
@@ -184,3 +184,17 @@ def test_compiled_and_pynative_steps_share_the_cache(ckpt_a, model_a):
         out = model_a.generate(*data, max_new_tokens=28, eos_token_id=[], use_jit=use_jit)
         assert model_a.model.text_model.cache_shape == (1, 128 if use_jit else 64)
         np.testing.assert_array_equal(out, ref)
+
+
+def test_a_plain_forward_leaves_the_generation_cache_alone(ckpt_a, model_a):
+    """After generate() set up a cache, a forward longer than that cache still works and does not write it."""
+    small = make_batch(ckpt_a, [0], [5], np.random.default_rng(30))
+    model_a.generate(*small, max_new_tokens=3, eos_token_id=[])
+    cache = model_a.model.text_model.layers[0].self_attn.kv_cache
+    before = cache.k.asnumpy().copy()
+    ids, mask, pv, pam = make_batch(ckpt_a, [3], [150], np.random.default_rng(31))
+    assert ids.shape[1] > model_a.model.text_model.cache_shape[1]
+    logits = model_a(ids, mask, pv, pam).logits.asnumpy()
+    real = mask.astype(bool)
+    assert relative_l2(logits[real], reference_logits(ckpt_a, ids, mask, pv, pam)[real]) < 1e-5
+    np.testing.assert_array_equal(cache.k.asnumpy(), before)

@@ -31,7 +31,7 @@ class LlamaAttention(nn.Cell):
         self.fused_rope = kernels.fused_ops()
         self.kv_cache: Optional[KVCache] = None
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask, slots: Tensor, over_cache: bool,
+    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask, slots: Tensor, cache: str,
                   compiled: bool) -> Tensor:
         b, s, _ = x.shape
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -40,11 +40,10 @@ class LlamaAttention(nn.Cell):
         qk = apply_rotary(qk.reshape(b, s, nq + nkv, d), cos, sin, self.fused_rope)
         q, k = ops.split(qk.swapaxes(1, 2), (nq, nkv), axis=1)  # (B, N, S, D)
         v = v.reshape(b, s, nkv, d).swapaxes(1, 2)
-        if self.kv_cache is not None:
-            if over_cache:  # decode: attend over the whole cache
-                k, v = self.kv_cache(slots, k, v, compiled)
-            else:  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose: when its
-                self.kv_cache(slots, k, v, compiled)  # outputs were unpacked and unused, jit dropped the write.
+        if cache == "decode":  # write the new slots, attend over the whole cache
+            k, v = self.kv_cache(slots, k, v, compiled)
+        elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
+            self.kv_cache(slots, k, v, compiled)  # when its outputs were unpacked and unused, jit dropped the write
         return self.o_proj(self.attention(q, k, v, mask))
 
 
@@ -72,8 +71,8 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def construct(self, x, cos, sin, mask, slots, over_cache, compiled):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, over_cache, compiled)
+    def construct(self, x, cos, sin, mask, slots, cache, compiled):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache, compiled)
         h, normed = self.post_attention_layernorm.add_and_norm(x, attn)  # h = x + attn, normed = norm(h)
         return h + self.mlp(normed)
 
@@ -110,19 +109,19 @@ class LlamaModel(nn.Cell):
         self.compiled_steps = {}
 
     def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor,
-                  compiled: bool = False) -> Tensor:
+                  cache: str = "none", compiled: bool = False) -> Tensor:
         """Run the decoder over S new tokens.
 
         inputs_embeds (B, S, H); position_ids (B, S) int32 (rotary positions, per row); slots (S,) int32: the
-        key index of each new token; key_keep (B, Sk) bool, False for padded keys, or None when no key is padded
-        (then Sk = S). With Sk = S the tokens attend to each other (a forward, or a prefill that starts at slot 0
-        and also fills the cache); with Sk = cache length they attend to the whole cache (decode). compiled: True
-        inside a `mindspore.jit` graph (how the cache is written, see kv_cache.py). Returns (B, S, H).
+        key index of each new token. cache: "none" (a plain forward: the tokens attend to each other, the cache is
+        not touched), "fill" (a prefill from slot 0: the same, and k/v are written into the cache) or "decode"
+        (k/v written at `slots`, attention over the whole cache). key_keep: (B, Sk) bool, False for padded keys,
+        Sk = S, or the cache length with "decode"; None when no key is padded. compiled: True inside a
+        `mindspore.jit` graph (how the cache is written, see kv_cache.py). Returns (B, S, H).
         """
         cos, sin = self.rotary_emb(position_ids)
-        over_cache = key_keep is not None and key_keep.shape[1] != inputs_embeds.shape[1]
         mask = self.attention.mask(key_keep, slots, compiled)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, slots, over_cache, compiled)
+            h = layer(h, cos, sin, mask, slots, cache, compiled)
         return self.norm(h)
