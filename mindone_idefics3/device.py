@@ -99,3 +99,12 @@ def resolve_dtype(dtype: Union[str, "ms.dtype.Type", None], device: Optional[str
 
 def dtype_name(dtype) -> str:
     return {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def jit_cell(cell):
+    """`cell` as a `mindspore.jit` function (capture_mode='ast': in-place Parameter writes persist), compiled once
+    per input shape. `ms.jit(cell.construct)` fails on the bound method, hence the plain wrapper."""
+    def run(*args):
+        return cell(*args)
+
+    return ms.jit(run, capture_mode="ast")

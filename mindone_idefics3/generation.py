@@ -16,6 +16,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from .device import jit_cell
 from .errors import Idefics3Error
 
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -140,13 +141,7 @@ def decode_step_fn(model, greedy: bool, use_jit: bool) -> Callable:
     key = (greedy, use_jit)
     if key not in steps:
         cell = DecodeStep(model, greedy, compiled=use_jit)
-        if use_jit:
-            def step(token, position, slot, key_keep):
-                return cell(token, position, slot, key_keep)
-
-            steps[key] = ms.jit(step, capture_mode="ast")
-        else:
-            steps[key] = cell
+        steps[key] = jit_cell(cell) if use_jit else cell
     return steps[key]
 
 
@@ -200,13 +195,7 @@ def prefill_step_fn(model, use_jit: bool) -> Callable:
     key = ("prefill", use_jit)
     if key not in steps:
         cell = PrefillStep(model, compiled=use_jit)
-        if use_jit:
-            def step(embeds, position_ids, key_keep, slots):
-                return cell(embeds, position_ids, key_keep, slots)
-
-            steps[key] = ms.jit(step, capture_mode="ast")
-        else:
-            steps[key] = cell
+        steps[key] = jit_cell(cell) if use_jit else cell
     return steps[key]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import Idefics3Config
-from ..device import current_device, resolve_dtype, select_device
+from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from .connector import Connector, check_patch_grid
 from .layers import Linear
@@ -89,6 +89,7 @@ class Idefics3Model(nn.Cell):
         self.vision_model = VisionTransformer(cfg.vision_config, dtype)
         self.connector = Connector(cfg, dtype)
         self.text_model = LlamaModel(cfg.text_config, dtype)
+        self._vision_graph = None  # the compiled vision tower + connector, made on first use
 
     def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
         """Vision tower + connector: tiles (T, 3, H, W) → (T, image_seq_len, text hidden)."""
@@ -100,16 +101,10 @@ class Idefics3Model(nn.Cell):
         h, w = vision.pixel_values.shape[-2:]
         check_patch_grid(h // self.patch_size, w // self.patch_size, self.scale_factor)
         keep = None if vision.patch_keep.all() else Tensor(vision.patch_keep)
-        run = self.compiled_vision() if use_jit else self
+        if use_jit and self._vision_graph is None:
+            self._vision_graph = jit_cell(self)
+        run = self._vision_graph if use_jit else self
         return run(Tensor(vision.pixel_values, dtype), keep, Tensor(vision.position_ids))
-
-    def compiled_vision(self):
-        if getattr(self, "_compiled_vision", None) is None:
-            def vision(pixel_values, patch_keep, position_ids):
-                return self(pixel_values, patch_keep, position_ids)
-
-            self._compiled_vision = ms.jit(vision, capture_mode="ast")
-        return self._compiled_vision
 
 
 class Idefics3ForConditionalGeneration(nn.Cell):

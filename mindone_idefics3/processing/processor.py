@@ -5,7 +5,6 @@ chat_template.py for the few documented differences), with numpy, Pillow, tokeni
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -19,7 +18,7 @@ from ..hub import PROCESSOR_FILES, resolve_model_dir
 from .image import Idefics3ImageProcessor, ImageProcessorConfig
 from .image_io import load_image
 from .prompt import ImageTokens, expand_prompt, group_images
-from .tokenizer import TextTokenizer
+from .tokenizer import TextTokenizer, read_json
 
 DEFAULT_IMAGE_SEQ_LEN = 169  # transformers' default: Idefics3-8B (364 / 14 patches, scale factor 2)
 PROCESSOR_OPTIONS = ("image_seq_len", "chat_template")
@@ -82,11 +81,11 @@ class Idefics3Processor:
         if not preprocessor_file.is_file():
             raise Idefics3Error(f"{directory} has no preprocessor_config.json; copy it from the original checkpoint")
         image_processor = Idefics3ImageProcessor.from_dict(
-            _read_json(preprocessor_file), **{k: v for k, v in overrides.items() if k in IMAGE_OPTIONS})
+            read_json(preprocessor_file), **{k: v for k, v in overrides.items() if k in IMAGE_OPTIONS})
         tokenizer = TextTokenizer.from_pretrained(
             directory, **{k: v for k, v in overrides.items() if k in TOKENIZER_OPTIONS})
         processor_file = directory / "processor_config.json"
-        processor_config = _read_json(processor_file) if processor_file.is_file() else {}
+        processor_config = read_json(processor_file) if processor_file.is_file() else {}
         if "image_seq_len" in overrides:
             image_seq_len = overrides["image_seq_len"]
         else:
@@ -200,21 +199,11 @@ class Idefics3Processor:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Idefics3Error(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise Idefics3Error(f"{path} must hold a JSON object")
-    return data
-
-
 def _processor_chat_template(directory: Path, processor_config: dict):
     """transformers' order: chat_template.json, else chat_template.jinja, else processor_config.json's key."""
     legacy = directory / "chat_template.json"
     if legacy.is_file():
-        return _read_json(legacy).get("chat_template")
+        return read_json(legacy).get("chat_template")
     raw = directory / "chat_template.jinja"
     if raw.is_file():
         return raw.read_text(encoding="utf-8")

@@ -48,7 +48,8 @@ def _content(token) -> Optional[str]:
     return token
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint file, or one Idefics3Error saying what is wrong with it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -100,7 +101,7 @@ class TextTokenizer:
                                 "file (sentencepiece-only tokenizers are not supported): copy tokenizer.json from "
                                 "the original checkpoint")
         config_file = directory / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         config.update(overrides)
         spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
         pre = spec.get("pre_tokenizer") or {}
@@ -153,7 +154,7 @@ class TextTokenizer:
         path = directory / "special_tokens_map.json"
         if not path.is_file():
             return special, additional
-        for key, value in _read_json(path).items():
+        for key, value in read_json(path).items():
             if key in overrides and overrides[key]:
                 continue
             if key == "additional_special_tokens" and isinstance(value, list):
