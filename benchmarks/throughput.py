@@ -12,7 +12,8 @@ of --repeats runs after --warmup (min/max in the JSON); aggregate tokens/s = tha
 + first token, warm (compiled graphs cached). vision ms = the vision tower + connector alone. The reference runs
 in this process with the same threads, interleaved with ours (ours, reference, ours, ...), greedy, exactly
 --new-tokens tokens; its vision position ids are corrected as in tests/reference.py so greedy ids can be compared.
-Memory-bandwidth bound: decoder + lm_head weight bytes read per token ÷ a numpy streaming-read bandwidth measured
+peak_rss_mb = this process's peak so far (ours and the reference share it; run without --reference for ours
+alone). Memory-bandwidth bound: decoder + lm_head weight bytes read per token ÷ a numpy streaming-read bandwidth measured
 in the same run.
 """
 from __future__ import annotations
@@ -197,8 +198,6 @@ def run_reference(ref, ids, mask, pv, new_tokens):
 
 
 def time_vision(model, pv, use_jit, repeats):
-    import mindspore as ms
-
     from mindone_idefics3.model.idefics3 import prepare_vision_inputs
 
     cfg = model.config.vision_config
@@ -208,14 +207,11 @@ def time_vision(model, pv, use_jit, repeats):
         t = time.perf_counter()
         model.model.image_features(vision, model.dtype, use_jit).asnumpy()
         times.append(time.perf_counter() - t)
-    del ms
     return statistics.median(times[1:]) * 1e3
 
 
 def main(argv=None):
     args = parse_args(argv)
-    import mindspore as ms
-
     from mindone_idefics3 import Idefics3ForConditionalGeneration
     from mindone_idefics3.device import cpu_threads, dtype_name, resolve_dtype, select_device
     from mindone_idefics3.errors import Idefics3Error
@@ -276,7 +272,12 @@ def main(argv=None):
                     row.update(ttft_s=round(statistics.median(o[0] for o in ours), 4),
                                decode_tps=round(statistics.median(tps), 2), decode_tps_min=round(min(tps), 2),
                                decode_tps_max=round(max(tps), 2),
-                               aggregate_tps=round(statistics.median(tps) * batch, 2))
+                               aggregate_tps=round(statistics.median(tps) * batch, 2),
+                               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                    if device == "Ascend":
+                        import mindspore as ms
+
+                        row["peak_device_memory_mb"] = round(ms.runtime.max_memory_allocated() / 2**20)
                     bound = bandwidth * 1e9 / decode_weight_bytes(cfg, BYTES[row["precision"]])
                     row.update(bandwidth_bound_tps=round(bound, 1),
                                of_bound=round(row["decode_tps"] / bound, 3))

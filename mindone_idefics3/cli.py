@@ -134,6 +134,10 @@ def _answer(args: argparse.Namespace) -> int:
                   first_step_seconds=round(stats.first_step_seconds, 3),
                   decode_tokens_per_second=round(stats.decode_tokens_per_second, 2),
                   peak_host_memory_mb=round(_peak_rss_mb(), 1))
+    if device == "Ascend":
+        import mindspore as ms
+
+        report["peak_device_memory_mb"] = round(ms.runtime.max_memory_allocated() / 2**20, 1)
     if args.json:
         print(json.dumps({"answer": answer, **report}, ensure_ascii=False))
     else:
