@@ -109,3 +109,23 @@ def ms_cpu():
 def relative_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A huggingface_hub cache under tmp_path with HF_HUB_OFFLINE=1: `offline_hub(src_dir, "org/name")` puts a
+    snapshot of src_dir there and returns (cache_dir, commit)."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+
+    def add(src, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(src, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return cache, commit
+
+    return add

@@ -298,15 +298,9 @@ def test_a_converted_directory_converts_again(src_a, tmp_path, capsys, ms_cpu):
         np.testing.assert_array_equal(fp16[name], bf16_bits_to_fp32(bf16[name].view(np.uint16)).astype(np.float16))
 
 
-def test_repo_id_source_resolves_from_the_hub_cache(ckpt_a, tmp_path, capsys, monkeypatch, ms_cpu):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someorg--tiny-idefics3"
-    shutil.copytree(ckpt_a.path, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    code, _, err = run(capsys, "someorg/tiny-idefics3", tmp_path / "ms", "--cache-dir", tmp_path / "hub")
+def test_repo_id_source_resolves_from_the_hub_cache(ckpt_a, tmp_path, capsys, offline_hub, ms_cpu):
+    cache, commit = offline_hub(ckpt_a.path, "someorg/tiny-idefics3")
+    code, _, err = run(capsys, "someorg/tiny-idefics3", tmp_path / "ms", "--cache-dir", cache)
     assert code == 0, err
     manifest = json.loads((tmp_path / "ms" / "conversion_manifest.json").read_text())
     assert manifest["source"]["location"] == "someorg/tiny-idefics3"

@@ -91,16 +91,10 @@ def test_missing_directory_and_offline_repo_id(tmp_path, monkeypatch, ms_cpu):
         Model.from_pretrained("someorg/not-cached-model", cache_dir=str(tmp_path / "hub"))
 
 
-def test_repo_id_resolves_from_the_hub_cache_offline(tmp_path, ckpt_a, monkeypatch, ms_cpu):
+def test_repo_id_resolves_from_the_hub_cache_offline(ckpt_a, offline_hub, ms_cpu):
     """The hub path is real code: a snapshot in the huggingface_hub cache layout loads with HF_HUB_OFFLINE=1."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someorg--tiny-idefics3"
-    shutil.copytree(ckpt_a.path, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    model = Model.from_pretrained("someorg/tiny-idefics3", cache_dir=str(tmp_path / "hub"))
+    cache, commit = offline_hub(ckpt_a.path, "someorg/tiny-idefics3")
+    model = Model.from_pretrained("someorg/tiny-idefics3", cache_dir=str(cache))
     assert model.model_dir.endswith(commit)
 
 
