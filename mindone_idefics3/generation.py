@@ -6,6 +6,7 @@ repetition penalty) reads the step's fp32 logits back and samples on the host wi
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -80,8 +81,10 @@ def stop_token_ids(model, eos_token_id: Union[int, Sequence[int], None] = None) 
     return ids
 
 
+@functools.lru_cache(maxsize=16)
 def end_of_utterance_id(model_dir: Optional[str]) -> Optional[int]:
-    """The id of `<end_of_utterance>` from the checkpoint's tokenizer files, if any."""
+    """The id of `<end_of_utterance>` from the checkpoint's tokenizer files, if any (read once per directory: a
+    Llama 3 tokenizer.json is ~9 MB of JSON)."""
     if not model_dir:
         return None
     for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
