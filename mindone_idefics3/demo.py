@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Dict, Tuple, Union
 
 import numpy as np
 
@@ -87,8 +87,14 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
 
 
 def write_random_checkpoint(path: Union[str, Path], vision: dict, text: dict, scale: int, image_token_id: int, *,
-                            seed: int = 0, eos_token_ids=None) -> Path:
-    """config.json, generation_config.json and random fp32 weights (transformers' names) for the given shapes."""
+                            seed: int = 0, eos_token_ids=None, dtype=np.float32,
+                            shard_bytes: int = 2 * 2**30) -> Path:
+    """config.json, generation_config.json and random weights (transformers' names) for the given shapes.
+
+    dtype: numpy dtype the weights are stored in (float32 or float16). Up to `shard_bytes` of weights go to one
+    model.safetensors; more are written shard by shard (model-0000i-of-0000n.safetensors + the index), so
+    memory stays about one shard whatever the model's size.
+    """
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -100,51 +106,77 @@ def write_random_checkpoint(path: Union[str, Path], vision: dict, text: dict, sc
     _write_json(path / "generation_config.json", dict(bos_token_id=text.get("bos_token_id"),
                                                       eos_token_id=eos_token_ids or text.get("eos_token_id"),
                                                       pad_token_id=text.get("pad_token_id")))
-    save_file(_random_weights(vision, text, scale, np.random.default_rng(seed)), str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    shapes = weight_shapes(vision, text, scale)
+    itemsize = np.dtype(dtype).itemsize
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * itemsize
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    rng = np.random.default_rng(seed)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, names in zip(files, shards):
+        save_file({n: _random_tensor(n, shapes[n], rng, dtype) for n in names}, str(path / file),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(int(np.prod(s)) * itemsize for s in shapes.values())
+        _write_json(path / "model.safetensors.index.json", dict(
+            metadata={"total_size": total}, weight_map={n: f for f, names in zip(files, shards) for n in names}))
     return path
 
 
-def _random_weights(vision: dict, text: dict, scale: int, rng: np.random.Generator) -> dict:
-    def w(*shape, std=0.05):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
+def weight_shapes(vision: dict, text: dict, scale: int) -> Dict[str, Tuple[int, ...]]:
+    """transformers' parameter names and shapes of an Idefics3 with these vision/text configs (untied lm_head)."""
     dv, dt, p = vision["hidden_size"], text["hidden_size"], vision["patch_size"]
-    head = dt // text["num_attention_heads"]
-    kv = text["num_key_value_heads"] * head
-    n_pos = (vision["image_size"] // p) ** 2
+    ffv, fft = vision["intermediate_size"], text["intermediate_size"]
+    head = text.get("head_dim") or dt // text["num_attention_heads"]
+    q, kv = text["num_attention_heads"] * head, text["num_key_value_heads"] * head
     out = {
-        "model.vision_model.embeddings.patch_embedding.weight": w(dv, 3, p, p),
-        "model.vision_model.embeddings.patch_embedding.bias": w(dv),
-        "model.vision_model.embeddings.position_embedding.weight": w(n_pos, dv),
-        "model.vision_model.post_layernorm.weight": 1 + w(dv),
-        "model.vision_model.post_layernorm.bias": w(dv),
-        "model.connector.modality_projection.proj.weight": w(dt, dv * scale**2),
-        "model.text_model.embed_tokens.weight": w(text["vocab_size"], dt, std=1.0),
-        "model.text_model.norm.weight": 1 + w(dt),
-        "lm_head.weight": w(text["vocab_size"], dt, std=0.5),
+        "model.vision_model.embeddings.patch_embedding.weight": (dv, vision.get("num_channels", 3), p, p),
+        "model.vision_model.embeddings.patch_embedding.bias": (dv,),
+        "model.vision_model.embeddings.position_embedding.weight": ((vision["image_size"] // p) ** 2, dv),
+        "model.vision_model.post_layernorm.weight": (dv,),
+        "model.vision_model.post_layernorm.bias": (dv,),
+        "model.connector.modality_projection.proj.weight": (dt, dv * scale**2),
+        "model.text_model.embed_tokens.weight": (text["vocab_size"], dt),
+        "model.text_model.norm.weight": (dt,),
+        "lm_head.weight": (text["vocab_size"], dt),
     }
     for i in range(vision["num_hidden_layers"]):
         pre = f"model.vision_model.encoder.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out[pre + f"self_attn.{name}.weight"], out[pre + f"self_attn.{name}.bias"] = w(dv, dv), w(dv)
+            out[pre + f"self_attn.{name}.weight"], out[pre + f"self_attn.{name}.bias"] = (dv, dv), (dv,)
         for name in ("layer_norm1", "layer_norm2"):
-            out[pre + f"{name}.weight"], out[pre + f"{name}.bias"] = 1 + w(dv), w(dv)
-        out[pre + "mlp.fc1.weight"], out[pre + "mlp.fc1.bias"] = w(vision["intermediate_size"], dv), w(
-            vision["intermediate_size"])
-        out[pre + "mlp.fc2.weight"], out[pre + "mlp.fc2.bias"] = w(dv, vision["intermediate_size"]), w(dv)
+            out[pre + f"{name}.weight"], out[pre + f"{name}.bias"] = (dv,), (dv,)
+        out[pre + "mlp.fc1.weight"], out[pre + "mlp.fc1.bias"] = (ffv, dv), (ffv,)
+        out[pre + "mlp.fc2.weight"], out[pre + "mlp.fc2.bias"] = (dv, ffv), (dv,)
     for i in range(text["num_hidden_layers"]):
         pre = f"model.text_model.layers.{i}."
-        out[pre + "self_attn.q_proj.weight"] = w(dt, dt)
-        out[pre + "self_attn.k_proj.weight"] = w(kv, dt)
-        out[pre + "self_attn.v_proj.weight"] = w(kv, dt)
-        out[pre + "self_attn.o_proj.weight"] = w(dt, dt)
-        out[pre + "mlp.gate_proj.weight"] = w(text["intermediate_size"], dt)
-        out[pre + "mlp.up_proj.weight"] = w(text["intermediate_size"], dt)
-        out[pre + "mlp.down_proj.weight"] = w(dt, text["intermediate_size"])
-        out[pre + "input_layernorm.weight"] = 1 + w(dt)
-        out[pre + "post_attention_layernorm.weight"] = 1 + w(dt)
+        out[pre + "self_attn.q_proj.weight"] = (q, dt)
+        out[pre + "self_attn.k_proj.weight"] = (kv, dt)
+        out[pre + "self_attn.v_proj.weight"] = (kv, dt)
+        out[pre + "self_attn.o_proj.weight"] = (dt, q)
+        out[pre + "mlp.gate_proj.weight"] = (fft, dt)
+        out[pre + "mlp.up_proj.weight"] = (fft, dt)
+        out[pre + "mlp.down_proj.weight"] = (dt, fft)
+        out[pre + "input_layernorm.weight"] = (dt,)
+        out[pre + "post_attention_layernorm.weight"] = (dt,)
     return out
+
+
+def _random_tensor(name: str, shape: Tuple[int, ...], rng: np.random.Generator, dtype) -> np.ndarray:
+    """N(0, 0.05) weights and biases; norm scales 1 + N(0, 0.05); embeddings N(0, 1), lm_head N(0, 0.5) (so the
+    logits of a random model are not all alike)."""
+    std = 1.0 if "embed_tokens" in name else 0.5 if name.startswith("lm_head") else 0.05
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    if "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight"):
+        x += 1
+    return x.astype(dtype, copy=False)
 
 
 def write_demo_image(path: Union[str, Path], size=(200, 140)) -> Path:

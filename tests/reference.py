@@ -1,37 +1,8 @@
 """The reference: transformers 4.57.1 on CPU torch, with its vision position ids corrected.
 
-transformers 4.55–4.57 buckets patch rows/cols with `k / nb · (1 − 1e−6)` in fp32, which maps a full tile to
-0,0,1,…,N−2 instead of the identity the checkpoints were trained with (their PRs 41371/41374/47133). The tests
-patch `Idefics3VisionEmbeddings.forward` with the integer rule of design.md §2 — row k → min(k·N // nb, N−1) —
-so both sides compute the same, correct thing. Everything else in the reference runs unmodified.
+The correction (`corrected_position_ids`, see mindone_idefics3/testing.py) lives in the package so that the
+benchmarks apply the same one; the tests import it from here.
 """
-from __future__ import annotations
+from mindone_idefics3.testing import corrected_position_ids
 
-import contextlib
-
-import torch
-from transformers.models.idefics3 import modeling_idefics3
-
-
-def _corrected_embeddings_forward(self, pixel_values, patch_attention_mask):
-    batch_size, _, max_im_h, max_im_w = pixel_values.shape
-    embeddings = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-    n = self.num_patches_per_side
-    grid_h, grid_w = max_im_h // self.patch_size, max_im_w // self.patch_size
-    position_ids = torch.zeros((batch_size, grid_h * grid_w), dtype=torch.long)
-    for i, p_mask in enumerate(patch_attention_mask):
-        nb_h, nb_w = int(p_mask[:, 0].sum()), int(p_mask[0].sum())
-        rows = torch.clamp(torch.arange(nb_h) * n // nb_h, max=n - 1)
-        cols = torch.clamp(torch.arange(nb_w) * n // nb_w, max=n - 1)
-        position_ids[i][p_mask.reshape(-1)] = (rows[:, None] * n + cols[None, :]).reshape(-1)
-    return embeddings + self.position_embedding(position_ids)
-
-
-@contextlib.contextmanager
-def corrected_position_ids():
-    original = modeling_idefics3.Idefics3VisionEmbeddings.forward
-    modeling_idefics3.Idefics3VisionEmbeddings.forward = _corrected_embeddings_forward
-    try:
-        yield
-    finally:
-        modeling_idefics3.Idefics3VisionEmbeddings.forward = original
+__all__ = ["corrected_position_ids"]
