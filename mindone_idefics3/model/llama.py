@@ -3,6 +3,12 @@
 q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`); the loader builds the
 fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels. Attention goes through
 the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where ops/kernels.py says so.
+
+Kernel launches are what a decode step costs beyond reading the weights (one token: ~13 µs each on a 2-core CPU,
+host launch time on Ascend), so the layers are written to launch few: the residual stream stays 2-D (tokens,
+hidden) so the projections are bare matmuls, the rotary tables, the mask and the cache's scatter indices are made
+once per forward and shared by every layer, and one token's heads are split by reshapes only (no transposes).
+benchmarks/throughput.py counts the kernels of a compiled decode step (~36 per layer on the CPU).
 """
 from __future__ import annotations
 
@@ -14,9 +20,9 @@ from mindspore import Tensor, nn, ops
 from ..config import TextConfig
 from ..ops import kernels
 from ..ops.attention import make_attention
-from ..ops.kv_cache import KVCache
+from ..ops.kv_cache import KVCache, scatter_index
 from ..ops.norms import RMSNorm
-from ..ops.rope import RotaryEmbedding, apply_rotary
+from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from .layers import Embedding, Linear
 
 
@@ -31,20 +37,32 @@ class LlamaAttention(nn.Cell):
         self.fused_rope = kernels.fused_ops()
         self.kv_cache: Optional[KVCache] = None
 
-    def construct(self, x: Tensor, cos: Tensor, sin: Tensor, mask, slots: Tensor, cache: str,
-                  compiled: bool) -> Tensor:
-        b, s, _ = x.shape
+    def construct(self, x: Tensor, rope, mask, slots: Tensor, index, cache: str, shape) -> Tensor:
+        """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernel);
+        shape: (B, S); slots/index: see `LlamaModel.construct`."""
+        b, s = shape
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qk, v = ops.split(self.qkv_proj(x), ((nq + nkv) * d, nkv * d), axis=-1)
-        # q and k heads rotated in one call, in (B, S, N, D) layout (see ops/rope.py)
-        qk = apply_rotary(qk.reshape(b, s, nq + nkv, d), cos, sin, self.fused_rope)
-        q, k = ops.split(qk.swapaxes(1, 2), (nq, nkv), axis=1)  # (B, N, S, D)
-        v = v.reshape(b, s, nkv, d).swapaxes(1, 2)
+        qkv = self.qkv_proj(x)
+        if self.fused_rope:  # q and k heads rotated in one call, in (B, S, N, D) layout (see ops/rope.py)
+            qk, v = ops.split(qkv, ((nq + nkv) * d, nkv * d), axis=-1)
+            qk = apply_rotary(qk.reshape(b, s, nq + nkv, d), rope[0], rope[1], True)
+            q, k = ops.split(qk.swapaxes(1, 2), (nq, nkv), axis=1)  # (B, N, S, D)
+        else:
+            q, k, v = ops.split(rotate_qkv(qkv, rope), (nq * d, nkv * d, nkv * d), axis=-1)
+            q, k = heads_first(q, b, s, nq, d), heads_first(k, b, s, nkv, d)
+        v = heads_first(v, b, s, nkv, d)
         if cache == "decode":  # write the new slots, attend over the whole cache
-            k, v = self.kv_cache(slots, k, v, compiled)
+            k, v = self.kv_cache(slots, index, k, v)
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
-            self.kv_cache(slots, k, v, compiled)  # when its outputs were unpacked and unused, jit dropped the write
-        return self.o_proj(self.attention(q, k, v, mask))
+            self.kv_cache(slots, index, k, v)  # when its outputs were unpacked and unused, jit dropped the write
+        return self.o_proj(self.attention(q, k, v, mask).reshape(b * s, nq * d))
+
+
+def heads_first(x: Tensor, b: int, s: int, n: int, d: int) -> Tensor:
+    """(B·S, N·D) → (B, N, S, D); a reshape alone when S = 1 (a decode step)."""
+    if s == 1:
+        return x.reshape(b, n, 1, d)
+    return x.reshape(b, s, n, d).swapaxes(1, 2)
 
 
 class LlamaMLP(nn.Cell):
@@ -71,8 +89,8 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def construct(self, x, cos, sin, mask, slots, cache, compiled):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache, compiled)
+    def construct(self, x, rope, mask, slots, index, cache, shape):
+        attn = self.self_attn(self.input_layernorm(x), rope, mask, slots, index, cache, shape)
         h, normed = self.post_attention_layernorm.add_and_norm(x, attn)  # h = x + attn, normed = norm(h)
         return h + self.mlp(normed)
 
@@ -89,6 +107,7 @@ class LlamaModel(nn.Cell):
                                    for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg, dtype)
+        self.fused_rope = kernels.fused_ops()
         self.cache_shape: Optional[tuple] = None
         self.compiled_steps: dict = {}  # functions compiled against the current caches (generation.py)
 
@@ -119,9 +138,13 @@ class LlamaModel(nn.Cell):
         Sk = S, or the cache length with "decode"; None when no key is padded. compiled: True inside a
         `mindspore.jit` graph (how the cache is written, see kv_cache.py). Returns (B, S, H).
         """
-        cos, sin = self.rotary_emb(position_ids)
+        b, s, hidden = inputs_embeds.shape
+        rope = self.rotary_emb(position_ids) if self.fused_rope else self.rotary_emb.row_tables(position_ids)
         mask = self.attention.mask(key_keep, slots, compiled)
-        h = inputs_embeds
+        index = None
+        if compiled and cache != "none":
+            index = scatter_index(b, self.cfg.num_key_value_heads, slots)
+        h = inputs_embeds.reshape(b * s, hidden)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, slots, cache, compiled)
-        return self.norm(h)
+            h = layer(h, rope, mask, slots, index, cache, (b, s))
+        return self.norm(h).reshape(b, s, hidden)

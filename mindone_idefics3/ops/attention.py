@@ -98,12 +98,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: fl
     scores = _matmul_qk(q.reshape(b, nkv, rep * sq, d), k)
     if scores.dtype != ms.float32:
         scores = scores.astype(ms.float32)
-    scores = (scores * scale).reshape(b, nkv, rep, sq, sk)
-    if keep is not None:
-        scores = ops.where(keep[:, :, None], scores, _FP32_MIN)
-    probs = ops.softmax(scores, axis=-1).astype(q.dtype).reshape(b, nkv, rep * sq, sk)
-    out = ops.matmul(probs, v).reshape(b, nq, sq, d)
-    return out.swapaxes(1, 2).reshape(b, sq, nq * d)
+    scores = scores * scale
+    if keep is not None and keep.shape[2] == 1:  # the same keys for every query: broadcasts over the groups
+        scores = ops.where(keep, scores, _FP32_MIN)
+    elif keep is not None:
+        grouped = scores.reshape(b, nkv, rep, sq, sk)
+        scores = ops.where(keep[:, :, None], grouped, _FP32_MIN).reshape(b, nkv, rep * sq, sk)
+    probs = ops.softmax(scores, axis=-1).astype(q.dtype)
+    out = ops.matmul(probs, v)  # (B, Nkv, rep·Sq, D)
+    if sq == 1:  # one query per row (a decode step): heads are already in output order
+        return out.reshape(b, 1, nq * d)
+    return out.reshape(b, nq, sq, d).swapaxes(1, 2).reshape(b, sq, nq * d)
 
 
 _matmul_qk = ops.BatchMatMul(transpose_b=True)

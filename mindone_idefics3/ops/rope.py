@@ -3,11 +3,18 @@
 The inverse frequencies are computed once on the host in fp32; cos/sin are computed in the graph from the position
 ids (fp32, as transformers does), so no position table of max_position_embeddings rows is ever allocated.
 
-The rotation is applied in (batch, seq, heads, head_dim) layout, to the q and k heads together, before the heads
-move forward for attention: Ascend's fused `rotary_position_embedding` takes that layout (cos/sin (B, S, 1, D))
-for any shape, while in (B, N, S, D) it is documented as not allowed when B·N > 8·S — every decode step. With
-q and k together there are always ≥ 2 heads, so the shapes cannot be read as (B, N, S, D) either. The eager math
-is elementwise: layout and grouping do not change its result.
+Two ways to apply them, chosen by ops/kernels.py:
+- eager (CPU, fp32): straight on the fused q‖k‖v projection row, (tokens, (Nq + 2·Nkv)·D), with tables made once
+  per forward and shared by every layer: `row · cos + row[perm] · sin`. perm swaps the two halves of every q and
+  k head; sin carries rotate-half's minus sign on the first half; the v columns get cos = 1, sin = 0 (angle 0), so
+  they pass unchanged. Four kernels per layer (gather, two products, a sum) instead of the slices, negation and
+  concatenation of rotate-half on split heads; the arithmetic of each element is rotate-half's, bit for bit
+  (−x₂·sin = x₂·(−sin); x·1 + 0 = x).
+- Ascend's fused `rotary_position_embedding` (mode 0, rotate-half) in (batch, seq, heads, head_dim) layout, to
+  the q and k heads together, before the heads move forward for attention: the kernel takes that layout
+  (cos/sin (B, S, 1, D)) for any shape, while in (B, N, S, D) it is documented as not allowed when B·N > 8·S —
+  every decode step. With q and k together there are always ≥ 2 heads, so the shapes cannot be read as
+  (B, N, S, D) either.
 """
 from __future__ import annotations
 
@@ -49,13 +56,33 @@ class RotaryEmbedding(nn.Cell):
 
     def __init__(self, cfg: TextConfig, dtype=ms.float32):
         super().__init__()
-        self.inv_freq = Tensor(inverse_frequencies(cfg))
+        inv_freq = inverse_frequencies(cfg)
+        self.inv_freq = Tensor(inv_freq)
         self.dtype = dtype
+        # Per column of the fused q‖k‖v row (see the module docstring): angle rate, sign of sin, source column.
+        nq, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rotated, half = nq + nkv, d // 2
+        rate = np.concatenate([np.tile(np.concatenate([inv_freq, inv_freq]), rotated), np.zeros(nkv * d, np.float32)])
+        sign = np.concatenate([np.tile(np.repeat(np.float32([-1, 1]), half), rotated), np.ones(nkv * d, np.float32)])
+        heads = np.arange(rotated * d).reshape(rotated, 2, half)[:, ::-1].reshape(-1)
+        self.row_rate, self.row_sign = Tensor(rate.astype(np.float32)), Tensor(sign)
+        self.row_perm = Tensor(np.concatenate([heads, np.arange(rotated * d, (rotated + nkv) * d)]).astype(np.int32))
 
     def construct(self, position_ids: Tensor):
         freqs = position_ids.astype(ms.float32)[:, :, None] * self.inv_freq[None, None, :]
         emb = ops.cat((freqs, freqs), axis=-1)[:, :, None]
         return ops.cos(emb).astype(self.dtype), ops.sin(emb).astype(self.dtype)
+
+    def row_tables(self, position_ids: Tensor):
+        """(cos, signed sin, perm) for `rotate_qkv`: cos/sin (B·S, (Nq + 2·Nkv)·D) in `dtype`, perm int32."""
+        angles = position_ids.astype(ms.float32).reshape(-1, 1) * self.row_rate
+        return ops.cos(angles).astype(self.dtype), (ops.sin(angles) * self.row_sign).astype(self.dtype), self.row_perm
+
+
+def rotate_qkv(qkv: Tensor, tables) -> Tensor:
+    """The fused projection row (B·S, (Nq + 2·Nkv)·D) with its q and k heads rotated, v unchanged (eager)."""
+    cos, sin, perm = tables
+    return qkv * cos + ops.gather(qkv, perm, 1) * sin
 
 
 def rotate_half(x: Tensor) -> Tensor:
