@@ -89,13 +89,12 @@ class Shard:
 
 
 def model_parameter_shapes(config: Idefics3Config) -> Tuple[Dict[str, Tuple[int, ...]], bool]:
-    """Our Cells' parameter names → shapes in torch's layout (built without allocating weights), and whether
-    embeddings are tied."""
+    """Our Cells' parameter names → shapes (built without allocating weights), and whether embeddings are tied."""
     from .model.idefics3 import Idefics3ForConditionalGeneration
 
     with ms.nn.utils.no_init_parameters():
         model = Idefics3ForConditionalGeneration(config, ms.float32)
-    return model.checkpoint_shapes(), model.tied
+    return {p.name: tuple(p.shape) for p in model.get_parameters()}, model.tied
 
 
 def plan_tensors(reader: CheckpointReader, config: Idefics3Config, dtype: str, fused: bool) -> List[OutputTensor]:

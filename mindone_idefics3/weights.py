@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import mindspore as ms  # noqa: F401  (registers numpy's bfloat16, which safetensors needs to read BF16 as numpy)
 import numpy as np
@@ -351,15 +351,9 @@ def plan_weights(shapes: Dict[str, Tuple[int, ...]], reader: CheckpointReader, *
 
 
 def load_weights(params: Dict[str, "ms.Parameter"], reader: CheckpointReader, dtype, *,
-                 ignore: Callable[[str], bool] = lambda name: False, progress: bool = True,
-                 transposed: Set[str] = frozenset()) -> None:
-    """Fill `params` (name → Parameter) from `reader`, cast to `dtype`; checks everything first (`plan_weights`).
-
-    transposed: names of 2-D parameters stored as the transpose of the checkpoint's tensor (layers.Linear with
-    in_out); they are checked against the checkpoint's shape and transposed once here.
-    """
-    shapes = {name: tuple(p.shape)[::-1] if name in transposed else tuple(p.shape) for name, p in params.items()}
-    plan = plan_weights(shapes, reader, ignore=ignore)
+                 ignore: Callable[[str], bool] = lambda name: False, progress: bool = True) -> None:
+    """Fill `params` (name → Parameter) from `reader`, cast to `dtype`; checks everything first (`plan_weights`)."""
+    plan = plan_weights({name: tuple(p.shape) for name, p in params.items()}, reader, ignore=ignore)
 
     from tqdm.auto import tqdm
 
@@ -369,8 +363,6 @@ def load_weights(params: Dict[str, "ms.Parameter"], reader: CheckpointReader, dt
         for name, sources in plan.items():
             arrays = [reader.get(s) for s in sources]
             array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-            if name in transposed:
-                array = array.T
             array = np.ascontiguousarray(cast(array, dtype))
             params[name].set_data(Tensor.from_numpy(array))
             bar.update(array.nbytes)

@@ -13,7 +13,7 @@ from ..config import Idefics3Config
 from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from .connector import Connector, check_patch_grid
-from .layers import Linear, weights_in_out
+from .layers import Linear
 from .llama import LlamaModel
 from .vision import VisionTransformer, patch_layout
 
@@ -118,7 +118,7 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         self.tied = bool(config.text_config.tie_word_embeddings)
         if not self.tied:
             self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False,
-                                  dtype=dtype, in_out=weights_in_out())
+                                  dtype=dtype)
         self.lm_matmul = ops.MatMul(transpose_b=True)
         self.generation_config: dict = {}
         self.model_dir: Optional[str] = None
@@ -146,31 +146,18 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         params = {p.name: p for p in model.get_parameters()}
         # A tied checkpoint may still carry lm_head.weight; the embedding is what the model uses.
         load_weights(params, reader, ms_dtype, ignore=lambda n: model.tied and n == "lm_head.weight",
-                     progress=progress, transposed=model.transposed_weights())
+                     progress=progress)
         model.generation_config = _read_json(model_dir / "generation_config.json")
         model.model_dir = str(model_dir)
         model.set_train(False)
         return model
 
-    def transposed_weights(self) -> set:
-        """Names of the weights stored (in, out), the transpose of the checkpoint's (see layers.weights_in_out)."""
-        return {cell.weight.name for _, cell in self.cells_and_names() if isinstance(cell, Linear) and cell.in_out}
-
-    def checkpoint_shapes(self) -> dict:
-        """Parameter name → its shape in a checkpoint (torch's layout, also for the weights stored transposed)."""
-        transposed = self.transposed_weights()
-        return {p.name: tuple(p.shape)[::-1] if p.name in transposed else tuple(p.shape)
-                for p in self.get_parameters()}
-
     # ------------------------------------------------------------------------------------------ pieces
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, S, H) → (B, S, vocab) fp32."""
         b, s, h = hidden.shape
-        if self.tied:
-            out = self.lm_matmul(hidden.reshape(b * s, h), self.model.text_model.embed_tokens.weight)
-        else:
-            out = self.lm_head(hidden.reshape(b * s, h))
-        return out.reshape(b, s, -1).astype(ms.float32)
+        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
+        return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
 
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
                      use_jit: bool = False):

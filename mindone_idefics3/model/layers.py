@@ -5,31 +5,15 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..device import is_ascend
-
-
-def weights_in_out() -> bool:
-    """Whether the decoder's projections store their weights (in, out), the transpose of torch's (out, in).
-
-    On the CPU, MindSpore 2.10's fp32 matmul of one token reads an (in, out) weight faster than an (out, in) one
-    through transpose_b (2-core Xeon, median of 20: vocab 49280 × 576 lm_head 6.5 vs 8.8 ms, qkv 960 × 576
-    0.14 vs 0.18 ms, the MLP's equal); Ascend's MatMul takes either layout natively, so there they stay as in
-    the checkpoint. The loader transposes once (weights.load_weights); checkpoints and converted files always
-    hold torch's layout.
-    """
-    return not is_ascend()
-
 
 class Linear(nn.Cell):
-    """y = x @ weight.T (+ bias); weight (out, in) as in torch, or (in, out) with `in_out` (y = x @ weight)."""
+    """y = x @ weight.T (+ bias); weight (out, in) as in torch."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=ms.float32, in_out: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=ms.float32):
         super().__init__()
-        self.in_out = in_out
-        shape = (in_features, out_features) if in_out else (out_features, in_features)
-        self.weight = Parameter(initializer("zeros", shape, dtype))
+        self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype))
         self.bias = Parameter(initializer("zeros", (out_features,), dtype)) if bias else None
-        self.matmul = ops.MatMul(transpose_b=not in_out)
+        self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
         if x.ndim == 2:  # (tokens, in): the decoder's residual stream, no reshape kernels around the matmul

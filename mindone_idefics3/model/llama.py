@@ -23,7 +23,7 @@ from ..ops.attention import make_attention
 from ..ops.kv_cache import KVCache, scatter_index
 from ..ops.norms import RMSNorm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
-from .layers import Embedding, Linear, weights_in_out
+from .layers import Embedding, Linear
 
 
 class LlamaAttention(nn.Cell):
@@ -31,10 +31,8 @@ class LlamaAttention(nn.Cell):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        in_out = weights_in_out()
-        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype, in_out=in_out)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype,
-                             in_out=in_out)
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
         self.attention = attention  # the model's attention backend (shared by its layers)
         self.fused_rope = kernels.fused_ops()
         self.kv_cache: Optional[KVCache] = None
@@ -71,11 +69,8 @@ class LlamaMLP(nn.Cell):
     def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        in_out = weights_in_out()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype,
-                                   in_out=in_out)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype,
-                                in_out=in_out)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
         self.fused = kernels.fused_ops()
 
     def construct(self, x: Tensor) -> Tensor:
