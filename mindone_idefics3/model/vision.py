@@ -11,6 +11,8 @@ from mindspore.common.initializer import initializer
 
 from ..config import VisionConfig
 from ..errors import Idefics3Error
+from ..ops import kernels
+from ..ops.activations import gelu_tanh
 from ..ops.attention import make_attention, split_heads
 from ..ops.norms import LayerNorm
 from .layers import Embedding, Linear
@@ -112,9 +114,10 @@ class VisionMLP(nn.Cell):
         super().__init__()
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype)
+        self.fused = kernels.fused_ops()
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.fc2(ops.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x), self.fused))
 
 
 class VisionEncoderLayer(nn.Cell):

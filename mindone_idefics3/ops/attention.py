@@ -38,6 +38,7 @@ What each backend receives:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import mindspore as ms
@@ -94,11 +95,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, keep: Optional[Tensor], scale: fl
     b, nq, sq, d = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     rep = nq // nkv
+    # A power-of-two scale (head dim 64, 256, ...) commutes exactly with rounding: (q·s)·k = (q·k)·s bit for bit,
+    # so it goes on q when q is the smaller tensor (d values per query against Sk scores).
+    scale_q = math.frexp(scale)[0] == 0.5 and d < sk
+    if scale_q:
+        q = q * scale
     # Group the query heads that share a KV head instead of repeating K and V in memory.
     scores = _matmul_qk(q.reshape(b, nkv, rep * sq, d), k)
     if scores.dtype != ms.float32:
         scores = scores.astype(ms.float32)
-    scores = scores * scale
+    if not scale_q:
+        scores = scores * scale
     if keep is not None and keep.shape[2] == 1:  # the same keys for every query: broadcasts over the groups
         scores = ops.where(keep, scores, _FP32_MIN)
     elif keep is not None:
