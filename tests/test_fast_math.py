@@ -13,7 +13,7 @@ from mindspore import Tensor, ops
 
 from mindone_idefics3.config import TextConfig
 from mindone_idefics3.ops.activations import gelu_tanh
-from mindone_idefics3.ops.attention import attention
+from mindone_idefics3.ops.attention import attention, attention_bias
 from mindone_idefics3.ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 
 RNG = np.random.default_rng(7)
@@ -59,7 +59,7 @@ def test_eager_attention_equals_the_plain_formula(head_dim, sq, sk, masked, ms_c
             keep_np = keep_np[:, :, :1]
         keep = Tensor(keep_np)
     scale = head_dim**-0.5
-    got = attention(q, k, v, keep, scale).asnumpy()
+    got = attention(q, k, v, attention_bias(keep), scale).asnumpy()
     np.testing.assert_allclose(got, plain_attention(q, k, v, keep, scale).asnumpy(), rtol=1e-6, atol=1e-6)
     # bit for bit the grouped form with the scale on the scores, also where attention() scales q instead
     np.testing.assert_array_equal(got, scale_on_scores(q, k, v, keep, scale).asnumpy())
@@ -67,7 +67,8 @@ def test_eager_attention_equals_the_plain_formula(head_dim, sq, sk, masked, ms_c
 
 
 def scale_on_scores(q, k, v, keep, scale):
-    """attention()'s grouped-heads computation with the scale always applied to the scores."""
+    """attention()'s grouped-heads computation with the scale always applied to the scores (and a select for the
+    mask: adding 0 changes no score, and masked ones end as exp(≈ fp32 min − max) = 0 either way)."""
     b, nq, sq, d = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     rep = nq // nkv
