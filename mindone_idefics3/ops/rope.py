@@ -4,7 +4,7 @@ The inverse frequencies are computed once on the host in fp32; cos/sin are compu
 ids (fp32, as transformers does), so no position table of max_position_embeddings rows is ever allocated.
 
 Two ways to apply them, chosen by ops/kernels.py:
-- eager (CPU, fp32): straight on the fused q‖k‖v projection row, (tokens, (Nq + 2·Nkv)·D), with tables made once
+- eager (the CPU): straight on the fused q‖k‖v projection row, (tokens, (Nq + 2·Nkv)·D), with tables made once
   per forward and shared by every layer: `row · cos + row[perm] · sin`. perm swaps the two halves of every q and
   k head; sin carries rotate-half's minus sign on the first half; the v columns get cos = 1, sin = 0 (angle 0), so
   they pass unchanged. Four kernels per layer (gather, two products, a sum) instead of the slices, negation and
