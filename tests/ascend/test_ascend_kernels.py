@@ -114,3 +114,17 @@ def test_fused_ops_equal_eager(npu, dtype):
     gate_up = rand((2, 300, 2 * 1536), dtype)
     g, u = np.split(host(gate_up), 2, -1)
     assert relative_l2(host(kernels.swiglu(gate_up, -1)), g / (1 + np.exp(-g)) * u) < SITE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gelu_tanh_fused_and_sigmoid_form(npu, dtype):
+    """SigLIP's tanh-GELU: the fused GeLU kernel (used on Ascend) and the sigmoid form (the CPU's) on the NPU."""
+    from mindone_idefics3.ops.activations import gelu_tanh
+
+    x = rand((2, 1024, 3072), dtype)
+    x64 = host(x)
+    truth = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)))
+    for fused in (True, False):
+        out = gelu_tanh(x, fused)
+        assert out.dtype == DTYPES[dtype]
+        assert relative_l2(host(out), truth) < SITE_TOL[dtype]
