@@ -16,14 +16,11 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
-        if x.ndim == 2:  # (tokens, in): the decoder's residual stream, no reshape kernels around the matmul
-            y = self.matmul(x, self.weight)
-            return y if self.bias is None else y + self.bias
-        shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        flat = x.ndim == 2  # (tokens, in): the decoder's residual stream, no reshape kernels around the matmul
+        y = self.matmul(x if flat else x.reshape(-1, x.shape[-1]), self.weight)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], -1)
+        return y if flat else y.reshape(*x.shape[:-1], -1)
 
 
 class Embedding(nn.Cell):
