@@ -103,8 +103,13 @@ def dtype_name(dtype) -> str:
 
 def jit_cell(cell):
     """`cell` as a `mindspore.jit` function (capture_mode='ast': in-place Parameter writes persist), compiled once
-    per input shape. `ms.jit(cell.construct)` fails on the bound method, hence the plain wrapper."""
-    def run(*args):
-        return cell(*args)
+    per input shape. Each graph is the Cell's own: a shared Python wrapper made MindSpore warn that "the same
+    function" was compiled again for every new graph."""
+    return ms.jit(cell, capture_mode="ast")
 
-    return ms.jit(run, capture_mode="ast")
+
+def as_graph_inputs(params) -> list:
+    """Parameters as plain Tensors sharing their data (None stays None), to pass as inputs of one compiled graph
+    that several layers share: given Parameters, MindSpore compiles (and keeps the memory of) one graph per
+    Parameter set. In-place writes of the graph (a KV cache's scatter) still reach the Parameter."""
+    return [None if p is None else ms.Tensor(p) for p in params]

@@ -148,19 +148,6 @@ def decode_step_fn(model, greedy: bool, use_jit: bool) -> Callable:
     return steps[key]
 
 
-class PrefillStep(nn.Cell):
-    """The prompt's embeddings through the decoder into cache slots 0..S-1 → last position's logits (B, V)."""
-
-    def __init__(self, model, compiled: bool):
-        super().__init__()
-        self.lm = model
-        self.in_graph = compiled
-
-    def construct(self, embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor):
-        hidden = self.lm.model.text_model(embeds, position_ids, key_keep, slots, "fill", self.in_graph)
-        return self.lm.logits(hidden[:, -1:])[:, -1]
-
-
 def prompt_slots(prompt_len: int, use_jit: bool) -> int:
     """Cache slots a prompt takes: compiled prefills see lengths rounded up to PREFILL_BUCKET (extra left padding,
     masked), so one graph serves every prompt length of a bucket."""
@@ -186,20 +173,10 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
         mask = np.concatenate([np.zeros((b, slots - s), mask.dtype), mask], axis=1)
     key_keep = np.ones((b, cache_len), bool)
     key_keep[:, :slots] = mask.astype(bool)
-    step = prefill_step_fn(model, use_jit)
-    logits = step(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
-                  Tensor(np.arange(slots, dtype=np.int32)))
-    return logits, Tensor(key_keep)
-
-
-def prefill_step_fn(model, use_jit: bool) -> Callable:
-    """The prefill for the model's current caches (compiled once per prompt bucket shape with use_jit)."""
-    steps = model.model.text_model.compiled_steps
-    key = ("prefill", use_jit)
-    if key not in steps:
-        cell = PrefillStep(model, compiled=use_jit)
-        steps[key] = jit_cell(cell) if use_jit else cell
-    return steps[key]
+    args = (embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
+            Tensor(np.arange(slots, dtype=np.int32)))
+    hidden = text.prefill(*args) if use_jit else text(*args, "fill", False)
+    return model.logits(hidden[:, -1:])[:, -1], Tensor(key_keep)
 
 
 def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,

@@ -100,7 +100,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     transformers' `repeat_kv`); bias: `attention_bias`, fp32, broadcastable to (B, 1, Sq, Sk), added to the
     scaled scores, or None when every key is visible to every query.
     Returns (B, Sq, Nq·D), ready for the output projection. Softmax runs in fp32 whatever the input dtype.
+
+    Long prompts are computed in blocks of queries so that at most SCORE_BLOCK_ELEMENTS fp32 scores exist at a
+    time (a 4k-token prompt of SmolVLM would otherwise hold 9 × 4096² scores, 604 MB, several times over); each
+    query's result is the same as in one block (its scores, softmax and sum are computed alike).
     """
+    b, nq, sq, _ = q.shape
+    block = max(1, SCORE_BLOCK_ELEMENTS // (b * nq * k.shape[2]))
+    if sq <= block:
+        return _attention_block(q, k, v, bias, scale)
+    per_query = bias is not None and bias.shape[2] != 1
+    outs = []
+    for i in range(0, sq, block):
+        outs.append(_attention_block(q[:, :, i:i + block], k, v, bias[:, :, i:i + block] if per_query else bias,
+                                     scale))
+    return ops.cat(outs, axis=1)
+
+
+SCORE_BLOCK_ELEMENTS = 1 << 25  # fp32 attention scores computed at once by the eager path (128 MB)
+
+
+def _attention_block(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+    """`attention` over all of q at once."""
     b, nq, sq, d = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     rep = nq // nkv
