@@ -267,7 +267,7 @@ def install_stubs(monkeypatch) -> None:
 
 
 def test_the_ascend_decode_step_compiles_under_jit(ckpt_a, monkeypatch, ms_cpu):
-    """The backend choice, sparse_mode and the mask tuple are graph constants: the Ascend branch of the decode
+    """The backend choice and sparse_mode are graph constants: the Ascend branch of the decode
     step builds one `mindspore.jit` graph (kernels replaced by shape-only stand-ins; numbers are checked above)."""
     install_references(monkeypatch)
     model = Model.from_pretrained(ckpt_a.path, progress=False)

@@ -178,6 +178,7 @@ class LlamaModel(nn.Cell):
             self._layer_graph = jit_cell(self.layer_math)
         b, s, hidden = inputs_embeds.shape
         rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
+        rope = ms.mutable(rope)  # tensors in a tuple input are constants to jit (a recompile per new value) unless so
         h = inputs_embeds.reshape(b * s, hidden)
         for layer in self.layers:
             h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s), *as_graph_inputs(layer.state()))
