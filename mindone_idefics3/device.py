@@ -6,10 +6,12 @@ kernels with try/except: on the CPU a missing kernel can fail later, in an unrel
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Union
 
 import mindspore as ms
+from mindspore import log as ms_log
 
 from .errors import Idefics3Error
 
@@ -25,7 +27,15 @@ _chosen: Optional[str] = None
 
 
 def ascend_available() -> bool:
-    return bool(ms.device_context.ascend.is_available())
+    """Whether an Ascend NPU is usable — asked without MindSpore's "Device Ascend is not available" warnings, which
+    it logs on every CPU-only machine (our own error says what to do when Ascend was asked for)."""
+    logger = ms_log._get_logger()  # noqa: SLF001 - the only handle on MindSpore's Python logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return bool(ms.device_context.ascend.is_available())
+    finally:
+        logger.setLevel(level)
 
 
 def select_device(name: Optional[str] = None) -> str:
