@@ -19,6 +19,7 @@ from mindspore import Tensor, nn, ops
 
 from .device import jit_cell
 from .errors import Idefics3Error
+from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so compiled steps are reused
@@ -161,8 +162,6 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     Returns the last position's logits (B, V) fp32 and the key mask (B, cache_len) bool the decode steps use:
     the (left-padded) prompt's mask, then every generated slot (causality keeps future slots out).
     """
-    from .model.idefics3 import key_keep_or_none, position_ids_from_mask
-
     b, s = ids.shape
     text = model.model.text_model
     text.setup_caches(b, cache_len)

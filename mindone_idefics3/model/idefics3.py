@@ -257,7 +257,8 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **kwargs):
         """Prompt + new tokens, (B, S + new) int64; see `mindone_idefics3.generation.generate` for the options
         (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, streamer).
-        Options not given come from the checkpoint's generation_config.json."""
+        Options not given come from the checkpoint's generation_config.json. A thin delegate: generation.py
+        builds on the model (imports run generation → model only), so it is imported here when called."""
         from ..generation import generate
 
         return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask,
