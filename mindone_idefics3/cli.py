@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object (answer, token counts, timings) on stdout instead of text")
     p.add_argument("--no-jit", action="store_true",
                    help="decode in PyNative mode instead of a compiled step (slow; for debugging)")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled graphs here for the next run of the same shapes (default: "
+                        "~/.cache/mindone_idefics3/compile); a run with other shapes compiles into its own subdirectory")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile every graph afresh, keep nothing on disk")
     p.add_argument("--demo", action="store_true",
                    help="write a tiny random-weight checkpoint and a test image to a temp dir and run on them "
                         "(no download; the text is meaningless by construction)")
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 def _answer(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     from . import Idefics3ForConditionalGeneration, Idefics3Processor
-    from .device import resolve_dtype, select_device
+    from .device import dtype_name, resolve_dtype, select_device
     from .generation import GenerationStats, stream_generate
     from .hub import resolve_model_dir
     from .processing import load_image
@@ -124,6 +128,15 @@ def _answer(args: argparse.Namespace) -> int:
                       temperature=args.temperature if args.temperature is not None else 1.0,
                       top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0,
                       repetition_penalty=args.repetition_penalty, seed=args.seed, use_jit=not args.no_jit)
+    cache_dir = None
+    if not (args.no_compile_cache or args.no_jit):
+        from .compile_cache import DEFAULT_DIR, enable, request_signature
+        from .model.idefics3 import VISION_CHUNK_TILES
+
+        signature = request_signature(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+                                      inputs.get("pixel_attention_mask"), args.max_new_tokens,
+                                      not sampling and args.repetition_penalty == 1, VISION_CHUNK_TILES[device])
+        cache_dir = enable(args.compile_cache or DEFAULT_DIR, model_dir, dtype_name(dtype), device, signature)
     stats = GenerationStats()
     pieces = []
     for piece in stream_generate(model, processor, **_model_inputs(inputs), stats=stats, **gen_kwargs):
@@ -139,7 +152,8 @@ def _answer(args: argparse.Namespace) -> int:
                   first_step_seconds=round(stats.first_step_seconds, 3),
                   decode_tokens_per_second=round(stats.decode_tokens_per_second, 2),
                   decode_seconds=round(stats.decode_seconds, 3), peak_host_memory_mb=round(_peak_rss_mb(), 1),
-                  total_seconds=round(time.perf_counter() - t_start, 3))
+                  total_seconds=round(time.perf_counter() - t_start, 3),
+                  compile_cache=None if cache_dir is None else str(cache_dir))
     if device == "Ascend":
         import mindspore as ms
 

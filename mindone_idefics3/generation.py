@@ -157,6 +157,11 @@ def prompt_slots(prompt_len: int, use_jit: bool) -> int:
     return -(-prompt_len // PREFILL_BUCKET) * PREFILL_BUCKET if use_jit else prompt_len
 
 
+def cache_length(prompt_len: int, max_new_tokens: int, use_jit: bool) -> int:
+    """KV cache slots of a generate() call: the prompt's slots and the new tokens, rounded up to CACHE_BUCKET."""
+    return -(-(prompt_slots(prompt_len, use_jit) + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+
+
 def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attention_mask, cache_len: int,
             use_jit: bool = False, stats: Optional[GenerationStats] = None):
     """Set up a (B, cache_len) static cache; run vision + the whole prompt into its first `prompt_slots` slots.
@@ -221,7 +226,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
 
     t0 = time.perf_counter()
     first_slot = prompt_slots(s, use_jit)  # decode writes from here on
-    cache_len = -(-(first_slot + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    cache_len = cache_length(s, max_new_tokens, use_jit)
     logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats)
     sequences = ids.astype(np.int64)
     next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token

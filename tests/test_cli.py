@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mindone_idefics3.processing import load_image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,12 +60,52 @@ def test_json_output_matches_the_python_api(demo_dir):
     assert out["answer"] == text
 
 
+@pytest.fixture(autouse=True, scope="module")
+def private_cache_home(tmp_path_factory):
+    """The CLI's compile cache goes under $XDG_CACHE_HOME: a temporary one here, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache_home")))
+        yield
+
+
+def test_compile_cache_is_reused_within_a_bucket_and_never_mixed_up(demo_dir, tmp_path):
+    """Runs of one prompt bucket share cached graphs and answer as without a cache; other shapes (no image, a
+    sampled run) get their own directory instead of loading the wrong graphs."""
+    from mindone_idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
+
+    cache = tmp_path / "graphs"
+    model = Idefics3ForConditionalGeneration.from_pretrained(demo_dir / "model", progress=False)
+    processor = Idefics3Processor.from_pretrained(demo_dir / "model")
+    runs = [("What is it?", True), ("What is this thing?", True), ("Hi", False)]
+    dirs = []
+    for prompt, with_image in runs + runs[:1]:
+        image = ["--image", str(demo_dir / "img.png")] if with_image else []
+        r = run_cli("--model", str(demo_dir / "model"), *image, "--prompt", prompt, "--max-new-tokens", "6",
+                    "--json", "--compile-cache", str(cache))
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        dirs.append(out["compile_cache"])
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        images = [[load_image(str(demo_dir / "img.png"))]] if with_image else None
+        inputs = processor(text=text, images=images, return_tensors="np")
+        ids = model.generate(**inputs, max_new_tokens=6)
+        assert out["answer"] == processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:],
+                                                       skip_special_tokens=True)[0], prompt
+    assert dirs[0] == dirs[1] == dirs[3] != dirs[2]
+    assert all(Path(d).parent == cache for d in dirs)
+    assert len(list((Path(dirs[0]) / "rank_0" / "graph_cache").glob("compile_cache_*.mindir"))) >= 2
+    r = run_cli("--model", str(demo_dir / "model"), "--prompt", "Hi", "--json", "--no-compile-cache",
+                "--max-new-tokens", "3")
+    assert r.returncode == 0 and json.loads(r.stdout)["compile_cache"] is None
+
+
 def test_help_documents_every_flag():
     r = run_cli("--help")
     assert r.returncode == 0
     for flag in ("--model", "--image", "--prompt", "--max-new-tokens", "--dtype", "--device", "--temperature",
                  "--top-p", "--top-k", "--seed", "--longest-edge", "--no-image-splitting", "--system", "--no-stream",
-                 "--json", "--demo", "--no-jit", "--repetition-penalty"):
+                 "--json", "--demo", "--no-jit", "--repetition-penalty", "--compile-cache", "--no-compile-cache"):
         assert flag in r.stdout
     assert "HuggingFaceM4/Idefics3-8B-Llama3" in r.stdout
 
