@@ -6,7 +6,7 @@ Counts the tensors alive at the worst point of one layer (what one compiled call
 the shapes of HuggingFaceM4/Idefics3-8B-Llama3: 4×4 + 1 tiles of 364 px (26² patches, 169 tokens each after the
 pixel shuffle), SigLIP-so400m (27 layers, width 1152, MLP 4304, 16 heads of 72, padded to 80 for the kernels),
 Llama 3 8B (32 layers, 4096, MLP 14336, 32 query / 8 KV heads of 128). Two attention cases: Ascend's flash
-kernels (no score matrix) and the eager path (fp32 scores, in blocks of 2^25 for long prompts). "Whole graph"
+kernels (no score matrix) and the eager path (fp32 scores, in blocks of 2^22 for long prompts). "Whole graph"
 is one compiled graph for all layers that keeps every layer's activations until it ends, as measured on the CPU
 before the per-layer graphs (~1.8 GB per SmolVLM tile). Prints a markdown table; no MindSpore needed.
 """
@@ -20,7 +20,7 @@ V = dict(layers=27, d=1152, mlp=4304, heads=16, head=72, head_kernel=80, patches
 T = dict(layers=32, d=4096, mlp=14336, heads=32, kv_heads=8, head=128, vocab=128259)
 WEIGHTS_BYTES = 8.46e9 * BF16  # Idefics3-8B-Llama3: 8.46 B parameters
 TILES = 17
-SCORE_BLOCK = 1 << 25  # ops/attention.py SCORE_BLOCK_ELEMENTS
+SCORE_BLOCK = 1 << 22  # ops/attention.py SCORE_BLOCK_ELEMENTS
 
 
 def vision_layer_bytes(tiles: int, flash: bool) -> float:
@@ -28,7 +28,9 @@ def vision_layer_bytes(tiles: int, flash: bool) -> float:
     p, d = V["patches"] * tiles, V["d"]
     stream = 2 * p * d * BF16  # residual in + the sum being built
     attn_io = p * 3 * d * BF16 + 3 * p * V["heads"] * V["head_kernel"] * BF16  # qkv + padded q, k, v
-    scores = 0 if flash else 3 * tiles * V["heads"] * V["patches"] ** 2 * FP32  # scores, bias-added, softmax
+    n = V["patches"]
+    block = min(n, max(1, SCORE_BLOCK // (tiles * V["heads"] * n)))
+    scores = 0 if flash else 3 * tiles * V["heads"] * block * n * FP32  # scores, bias-added, softmax of a block
     mlp = p * V["mlp"] * (BF16 + 2 * FP32)  # fc1 out, fp32 copy, sigmoid-form temporary
     return stream + max(attn_io + scores, mlp)
 
@@ -83,9 +85,9 @@ def main(argv=None) -> int:
             print(f"| {chunk} | {'flash' if flash else 'eager'} | {vis / GB:.2f} GB | {vis_whole / GB:.1f} GB "
                   f"| {pre / GB:.2f} GB | {pre_whole / GB:.1f} GB | {totals[0] / GB:.1f} / {totals[1] / GB:.1f} GB "
                   f"| {fits(32)} | {fits(64)} |")
-    print("\n'yes' leaves 10% of the device for the framework; 'per layer / whole graph'. Whole-graph columns: what the same input would "
-          "need if a compiled graph kept every layer's activations (the CPU behaviour that made the per-layer "
-          "graphs necessary; Ascend's graph memory planner may reuse more).")
+    print("\n'yes' leaves 10% of the device for the framework; 'per layer / whole graph'. Whole-graph columns: "
+          "what the same input would need if a compiled graph kept every layer's activations (the CPU "
+          "behaviour that made the per-layer graphs necessary; Ascend's graph memory planner may reuse more).")
     return 0
 
 

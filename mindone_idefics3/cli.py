@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode in PyNative mode instead of a compiled step (slow; for debugging)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="keep compiled graphs here for the next run of the same shapes (default: "
-                        "~/.cache/mindone_idefics3/compile); a run with other shapes compiles into its own subdirectory")
+                        "~/.cache/mindone_idefics3/compile); a run with other shapes compiles into its own "
+                        "subdirectory")
     p.add_argument("--no-compile-cache", action="store_true", help="compile every graph afresh, keep nothing on disk")
     p.add_argument("--demo", action="store_true",
                    help="write a tiny random-weight checkpoint and a test image to a temp dir and run on them "

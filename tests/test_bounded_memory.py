@@ -70,7 +70,8 @@ def test_attention_in_blocks_of_queries_equals_one_block(monkeypatch, ms_cpu, co
     k, v = (Tensor(rng.standard_normal((2, 2, 37, 8), np.float32)) for _ in range(2))
     keep = rng.random((2, 37)) > 0.2
     keep[:, -1] = True
-    bias = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep), Tensor(np.arange(37, dtype=np.int32))))
+    slots = Tensor(np.arange(37, dtype=np.int32))
+    bias = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep), slots))
     key_bias = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep)))
 
     def run(q, k, v, bias):

@@ -37,8 +37,8 @@ class DecoderLayerMath(nn.Cell):
 
     def __init__(self, cfg: TextConfig, attention: nn.Cell):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.intermediate, self.eps = cfg.intermediate_size, cfg.rms_norm_eps
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.intermediate, self.eps = cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps
         self.attention = attention  # the model's attention backend (shared by its layers)
         self.fused = kernels.fused_ops()
 
@@ -46,7 +46,7 @@ class DecoderLayerMath(nn.Cell):
                   *weights) -> Tensor:
         """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernels);
         shape: (B, S); slots/index/cache: see `LlamaModel.construct`; cache_k/v: this layer's KV cache (None with
-        cache "none"); weights: `LlamaDecoderLayer.weights()`, as separate arguments."""
+        cache "none"); weights: the rest of `LlamaDecoderLayer.state()`, as separate arguments."""
         in_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b = weights
         b, s = shape
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -62,7 +62,7 @@ class DecoderLayerMath(nn.Cell):
         if cache == "decode":  # write the new slots, attend over the whole cache
             k, v = write_cache(cache_k, cache_v, slots, index, k, v)
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
-            write_cache(cache_k, cache_v, slots, index, k, v)  # when its outputs were unpacked and unused, jit dropped the write
+            write_cache(cache_k, cache_v, slots, index, k, v)  # unpacked and unused outputs made jit drop the write
         attn = linear(self.attention(q, k, v, mask).reshape(b * s, nq * d), o_w, o_b)
         h, normed = add_rms_norm(x, attn, post_norm, self.eps, self.fused)  # h = x + attn, normed = norm(h)
         gate_up = linear(normed, gate_up_w, gate_up_b)  # gate ‖ up: swiglu's silu(first half) · second half

@@ -104,8 +104,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     Returns (B, Sq, Nq·D), ready for the output projection. Softmax runs in fp32 whatever the input dtype.
 
     Long prompts are computed in blocks of queries so that at most SCORE_BLOCK_ELEMENTS fp32 scores exist at a
-    time (a 4k-token prompt of SmolVLM would otherwise hold 9 × 4096² scores, 604 MB, several times over); each
-    query's result is the same as in one block (its scores, softmax and sum are computed alike).
+    time: a 4k-token prompt of SmolVLM would otherwise hold 9 × 4096² scores (604 MB) several times over. Each
+    query's scores, softmax and sum are computed as in one block (equal to rounding).
     """
     b, nq, sq, _ = q.shape
     block = max(1, SCORE_BLOCK_ELEMENTS // (b * nq * k.shape[2]))
@@ -119,7 +119,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     return ops.cat(outs, axis=1)
 
 
-SCORE_BLOCK_ELEMENTS = 1 << 25  # fp32 attention scores computed at once by the eager path (128 MB)
+SCORE_BLOCK_ELEMENTS = 1 << 22  # fp32 attention scores computed at once by the eager path (16 MB)
 
 
 def _attention_block(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
