@@ -92,7 +92,7 @@ def _set_cpu_threads() -> None:
         _threads_we_set = cpu_threads()
         ms.device_context.cpu.op_tuning.threads_num(_threads_we_set)
     elif requested and (_threads_we_set is None or cpu_threads() != _threads_we_set):
-        already = "by other code in this process" if _threads_we_set is None else f"to {_threads_we_set} by mindone_idefics3"
+        already = f"to {_threads_we_set} by mindone_idefics3" if _threads_we_set else "by other code in this process"
         raise Idefics3Error(f"MINDONE_CPU_THREADS={requested} cannot be applied: MindSpore's CPU threads were "
                             f"already set {already} (ms.device_context.cpu.op_tuning.threads_num can be called "
                             "once per process); unset MINDONE_CPU_THREADS to keep that setting")

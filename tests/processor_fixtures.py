@@ -168,3 +168,14 @@ def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Ima
         wide = (rgb[..., 0].astype(np.uint32) * 257 + rng.integers(0, 257, (height, width))).astype(np.uint16)
         return Image.fromarray(wide)
     return image.convert(mode)  # L, CMYK, 1
+
+
+def as_rgb(images):
+    """`images` (an image, or lists of them, nested) as transformers must get them to give our output: grey (L, 1)
+    and palette (P) images converted to RGB, palette images with transparency to RGBA. The reference resizes
+    one-channel images with NEAREST (or raises), where ours gives what the converted image gives."""
+    if isinstance(images, (list, tuple)):
+        return [as_rgb(image) for image in images]
+    if images.mode == "P" and ("transparency" in images.info or images.palette.mode == "RGBA"):
+        return images.convert("RGBA")
+    return images.convert("RGB") if images.mode in ("L", "P", "1") else images

@@ -15,12 +15,15 @@ the same order (resize in the image's own mode, convert to RGB afterwards), the 
 and rescale + normalize as a per-channel 256-entry lookup table computed with the reference's float32 ops.
 Where the reference is position-dependent or breaks, we do what it does for a well-behaved image instead:
 
-- 1-channel images (L, and P palette indices) are resized with NEAREST, as the reference does (it turns 1-channel
-  arrays into "P" images, which Pillow only resamples with NEAREST).
+- L and P images give exactly what their `image.convert("RGB")` gives. The reference resizes them with NEAREST
+  (it turns 1-channel arrays into "P" images, which Pillow resamples only that way), so a scan comes out aliased.
+  L is resized as L with the configured filter: Pillow filters every channel alike, so this is bit-identical to
+  resizing the RGB image, with a third of the work.
 - The reference infers the channel layout from the *first* image of a batch: a first image of height 1, 3 or 4
   is read as channels-first (wrong tiles), and a first L/P image raises. Ours does not depend on position.
-- P images with transparency: the reference drops the transparency (palette colours show); ours composites
-  transparent pixels on white, like RGBA. LA/PA/La/RGBa are treated as RGBA (the reference raises on LA).
+- P images with transparency are treated as their `image.convert("RGBA")`: transparent pixels are composited on
+  white (the reference drops the transparency, palette colours show). LA/PA/La/RGBa are treated as RGBA (the
+  reference raises on LA).
 - CMYK, YCbCr, LAB, HSV are converted with Pillow to RGB first (the reference reads CMYK as RGBA); 16-bit
   (I;16*, I) is scaled to 8 bits by 255/65535 with rounding (the reference raises on values above 255); "1" is
   read as L with 0/255; F is clipped to 0..255 by Pillow.
@@ -41,7 +44,6 @@ from ..errors import Idefics3Error
 from .image_io import ensure_decoded
 
 MAX_IMAGE_SIZE = 4096  # the reference caps the resized longest edge at 4k
-ONE_CHANNEL_MODES = ("L", "P")
 RGBA_MODES = ("LA", "La", "PA", "RGBa")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -158,12 +160,14 @@ def tile_boxes(height: int, width: int, tile: int) -> Tuple[List[Tuple[int, int,
 
 # --------------------------------------------------------------------------------------------- modes
 def working_image(image: Image.Image) -> Image.Image:
-    """The image in one of the modes the pipeline resizes in: RGB, RGBA, L or P."""
+    """The image in one of the modes the pipeline resizes in: RGB, RGBA or L (grey, equal to its RGB image)."""
     mode = image.mode
-    if mode in ("RGB", "RGBA", "L", "P"):
+    if mode in ("RGB", "RGBA", "L"):
         return image
-    if mode in RGBA_MODES:
+    if mode in RGBA_MODES or (mode == "P" and _palette_has_alpha(image)):
         return image.convert("RGBA")
+    if mode == "P":
+        return image.convert("RGB")
     if mode == "1":
         return image.convert("L")
     if mode in SIXTEEN_BIT_MODES:
@@ -174,18 +178,15 @@ def working_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
-def has_alpha(image: Image.Image) -> bool:
-    if image.mode == "RGBA":
-        return True
-    return image.mode == "P" and ("transparency" in image.info or image.palette.mode == "RGBA")
+def _palette_has_alpha(image: Image.Image) -> bool:
+    return "transparency" in image.info or image.palette.mode == "RGBA"
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8; transparent pixels composited on white (as the reference's convert_to_rgb)."""
-    if has_alpha(image):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
+    """An RGB, RGBA or L image as (H, W, 3) uint8; RGBA composited on white (as the reference's convert_to_rgb)."""
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
     return np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
 
 
@@ -228,7 +229,7 @@ class Idefics3ImageProcessor:
         """One image → its frames as (h, w, 3) uint8 arrays (tiles row-major, then the global view), rows, cols."""
         cfg = self.config
         image = working_image(ensure_decoded(image, "an input image"))
-        resample = Image.Resampling.NEAREST if image.mode in ONE_CHANNEL_MODES else Image.Resampling(cfg.resample)
+        resample = Image.Resampling(cfg.resample)
         tile = max_image_size["longest_edge"]
 
         def resized(img: Image.Image, height: int, width: int) -> Image.Image:
