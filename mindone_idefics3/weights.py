@@ -102,10 +102,10 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
         raise Idefics3Error(f"{path}: cannot read ({e})") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Idefics3Error(f"{path}: the header is not valid JSON ({e}); {corrupt}") from None
     except _DuplicateKey as e:
         raise Idefics3Error(f"{path}: the header lists {e.args[0]!r} twice; {corrupt}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON, a number too long, nesting too deep
+        raise Idefics3Error(f"{path}: the header cannot be parsed as JSON ({e}); {corrupt}") from None
     if not isinstance(header, dict):
         raise Idefics3Error(f"{path}: the header is not a JSON object; {corrupt}")
     metadata = header.pop("__metadata__", None) or {}
@@ -118,7 +118,7 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise Idefics3Error(f"{where} lacks dtype, shape or data_offsets; {corrupt}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SUPPORTED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
             if dtype in OTHER_SAFETENSORS_DTYPES:
                 raise Idefics3Error(f"{where} has dtype {dtype}; only F32, F16 and BF16 weights are supported")
             raise Idefics3Error(f"{where} has unknown dtype {dtype!r} (not a safetensors dtype): the file is corrupt "

@@ -439,7 +439,7 @@ BAD_INPUTS = {
     "pickle_weights": (_pickle_only, "pickle weights.*safetensors"),
     "truncated_file": (_truncated, "out of range.*truncated or corrupt"),
     "header_longer_than_file": (_header_longer_than_file, "header length field says .* but only .* follow"),
-    "invalid_header_json": (_invalid_header_json, "header is not valid JSON"),
+    "invalid_header_json": (_invalid_header_json, "header cannot be parsed as JSON"),
     "unknown_dtype": (_set("lm_head.weight", "dtype", "Q4"), "'lm_head.weight' has unknown dtype 'Q4'"),
     "unsupported_dtype": (_set("lm_head.weight", "dtype", "I32"), "dtype I32; only F32, F16 and BF16"),
     "offsets_out_of_range": (_edit_header(_offset_past_the_end), r"data_offsets \[\d+, \d+\] are out of range"),
