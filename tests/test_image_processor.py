@@ -244,7 +244,7 @@ def test_palette_with_an_alpha_palette_is_treated_as_rgba():
     (dict(max_image_size=-3), "positive integer"),
     (dict(resample=9), "resampling filter"),
     (dict(image_std=[0.5, 0, 0.5]), "must not contain 0"),
-    (dict(image_mean=[0.5, 0.5]), "3 values"),
+    (dict(image_mean=[0.5, 0.5]), "image_mean must be 3 finite numbers"),
 ])
 def test_bad_config_values_raise_clear_errors(options, message):
     with pytest.raises(Idefics3Error, match=message):

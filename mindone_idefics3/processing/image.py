@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -43,7 +44,8 @@ from PIL import Image
 from ..errors import Idefics3Error
 from .image_io import ensure_decoded
 
-MAX_IMAGE_SIZE = 4096  # the reference caps the resized longest edge at 4k
+MAX_IMAGE_SIZE = 4096  # the reference caps the resized longest edge at 4k (and so a tile can be no larger)
+MAX_EDGE = 2**31 - 1  # a `size` above MAX_IMAGE_SIZE acts as that cap; this one keeps the arithmetic in floats
 RGBA_MODES = ("LA", "La", "PA", "RGBa")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -78,33 +80,45 @@ class ImageProcessorConfig:
         return cfg
 
     def validate(self) -> None:
+        for name in ("do_resize", "do_image_splitting", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise Idefics3Error(f"{name} must be true or false, got {getattr(self, name)!r:.80}")
         self.size = edge_dict(self.size, "size")
-        self.max_image_size = edge_dict(self.max_image_size, "max_image_size")
-        try:
-            Image.Resampling(self.resample)
-        except ValueError:
-            raise Idefics3Error(f"resample={self.resample!r} is not a PIL resampling filter (0-5; 1 is LANCZOS, "
-                                "Idefics3's)") from None
+        self.max_image_size = edge_dict(self.max_image_size, "max_image_size", most=MAX_IMAGE_SIZE)
+        if isinstance(self.resample, bool) or not isinstance(self.resample, (int, np.integer)) or \
+                self.resample not in range(6):
+            raise Idefics3Error(f"resample={self.resample!r:.80} is not a PIL resampling filter (0-5; 1 is LANCZOS, "
+                                "Idefics3's)")
+        self.resample = int(self.resample)
+        if not _is_number(self.rescale_factor) or not 0 < self.rescale_factor < math.inf:
+            raise Idefics3Error(f"rescale_factor must be a positive number (1/255 for 8-bit images), got "
+                                f"{self.rescale_factor!r:.80}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            value = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-            if len(value) != 3:
-                raise Idefics3Error(f"{name} must have 3 values (R, G, B), got {getattr(self, name)!r}")
-            setattr(self, name, tuple(value))
+            value = [value] * 3 if _is_number(value) else value
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or \
+                    not all(_is_number(v) and math.isfinite(v) for v in value):
+                raise Idefics3Error(f"{name} must be 3 finite numbers (R, G, B), got {getattr(self, name)!r:.80}")
+            setattr(self, name, tuple(float(v) for v in value))
         if any(s == 0 for s in self.image_std):
             raise Idefics3Error(f"image_std must not contain 0, got {self.image_std}")
 
 
-def edge_dict(value, name: str) -> Dict[str, int]:
-    """{"longest_edge": N} from that dict or a bare positive int N."""
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def edge_dict(value, name: str, most: int = MAX_EDGE) -> Dict[str, int]:
+    """{"longest_edge": N} from that dict or a bare positive int N (at most `most`)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = {"longest_edge": int(value)}
     if not isinstance(value, dict) or "longest_edge" not in value:
         raise Idefics3Error(f"{name} must be {{'longest_edge': N}} (Idefics3 resizes by the longest edge), "
-                            f"got {value!r}")
+                            f"got {value!r:.80}")
     edge = value["longest_edge"]
-    if isinstance(edge, bool) or not isinstance(edge, (int, np.integer)) or edge < 1:
-        raise Idefics3Error(f"{name}['longest_edge'] must be a positive integer number of pixels, got {edge!r}")
+    if isinstance(edge, bool) or not isinstance(edge, (int, np.integer)) or not 1 <= edge <= most:
+        raise Idefics3Error(f"{name}['longest_edge'] must be a positive integer number of pixels, at most {most}, "
+                            f"got {edge!r:.80}")
     return {"longest_edge": int(edge)}
 
 
