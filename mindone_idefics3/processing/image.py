@@ -266,11 +266,7 @@ class Idefics3ImageProcessor:
     def __call__(self, images: Sequence[Sequence[Image.Image]], *, size=None, max_image_size=None,
                  do_image_splitting: Optional[bool] = None) -> ImageBatch:
         """images: one list of PIL images per sample (lists may be empty). Keyword options override the config."""
-        cfg = self.config
-        size = edge_dict(size, "size") if size is not None else cfg.size
-        max_image_size = edge_dict(max_image_size, "max_image_size") if max_image_size is not None \
-            else cfg.max_image_size
-        splitting = cfg.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
+        size, max_image_size, splitting = self.call_options(size, max_image_size, do_image_splitting)
 
         frames, rows, cols = [], [], []
         for sample in images:
@@ -285,6 +281,17 @@ class Idefics3ImageProcessor:
             cols.append(sample_cols)
         pixel_values, pixel_mask = self.pad_and_normalize(frames)
         return ImageBatch(pixel_values, pixel_mask, rows, cols)
+
+    def call_options(self, size=None, max_image_size=None, do_image_splitting: Optional[bool] = None
+                     ) -> Tuple[Dict[str, int], Dict[str, int], bool]:
+        """Per-call options checked (one Idefics3Error naming the wrong one), the config's where not given."""
+        cfg = self.config
+        if do_image_splitting is not None and not isinstance(do_image_splitting, bool):
+            raise Idefics3Error(f"do_image_splitting must be True, False or None, got {do_image_splitting!r:.80}")
+        return (cfg.size if size is None else edge_dict(size, "size"),
+                cfg.max_image_size if max_image_size is None else edge_dict(max_image_size, "max_image_size",
+                                                                            most=MAX_IMAGE_SIZE),
+                cfg.do_image_splitting if do_image_splitting is None else do_image_splitting)
 
     def pad_and_normalize(self, frames: List[List[np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
         """Per-sample lists of (h, w, 3) uint8 frames → (B, I, 3, H, W) float32 and (B, I, H, W) int64."""
