@@ -148,6 +148,23 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
     return infos, metadata
 
 
+def read_weight_map(index: Path) -> Dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index: tensor name → file name of a shard beside the index."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON, a number too long, nesting too deep
+        raise Idefics3Error(f"{index} is not valid JSON ({e}); download it again") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise Idefics3Error(f"{index} must hold a non-empty \"weight_map\" object from tensor names to shard file "
+                            "names; download it again")
+    outside = sorted(v for v in set(weight_map.values()) if v in ("", ".", "..") or Path(v).name != v)
+    if outside:
+        raise Idefics3Error(f"{index} maps tensors to {outside[0]!r:.80}, which is not the name of a file beside "
+                            "the index; the index is corrupt — download it again")
+    return weight_map
+
+
 class CheckpointReader:
     """All tensors of a safetensors checkpoint (single file or shards), opened lazily (memory-mapped).
 
@@ -182,10 +199,7 @@ class CheckpointReader:
     def _weight_files(self) -> List[Path]:
         index = self.dir / SAFE_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise Idefics3Error(f"{index} is not a valid safetensors index ({e!r})") from None
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.dir / f).is_file()]
             if missing:
