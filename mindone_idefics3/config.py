@@ -6,13 +6,13 @@ Only the fields the model needs are kept (`from_dict` ignores the rest); a missi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import Idefics3Error
+from .json_file import read_json
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MAX_SIZE = 2**31 - 1  # no dimension or count of a real model comes near
@@ -250,13 +250,9 @@ class Idefics3Config:
     @classmethod
     def from_json_file(cls, path: Union[str, Path]) -> "Idefics3Config":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise Idefics3Error(f"{path} not found: a model directory needs its config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Idefics3Error(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        if not path.is_file():
+            raise Idefics3Error(f"{path} not found: a model directory needs its config.json")
+        return cls.from_dict(read_json(path))
 
     @property
     def image_seq_len(self) -> int:

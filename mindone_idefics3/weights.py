@@ -20,6 +20,7 @@ from mindspore.common import np_dtype
 from safetensors import SafetensorError, safe_open
 
 from .errors import Idefics3Error
+from .json_file import read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -150,11 +151,7 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
 
 def read_weight_map(index: Path) -> Dict[str, str]:
     """The `weight_map` of a sharded checkpoint's index: tensor name → file name of a shard beside the index."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON, a number too long, nesting too deep
-        raise Idefics3Error(f"{index} is not valid JSON ({e}); download it again") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise Idefics3Error(f"{index} must hold a non-empty \"weight_map\" object from tensor names to shard file "
                             "names; download it again")

@@ -3,11 +3,14 @@
 Fields of a valid config are deleted, or set to values of every JSON type, in and out of range. A small
 specification here (independent of the code under test) says which results are valid: a valid one must load with
 the values given (or the default of a deleted field), an invalid one must be one Idefics3Error whose message names
-the field at fault (or one of the fields of a violated relation, e.g. hidden_size and num_attention_heads).
+the field at fault (or one of the fields of a violated relation, e.g. hidden_size and num_attention_heads). The
+files themselves are also damaged (missing, truncated, not UTF-8, nested or numbers too deep for Python's json):
+an error must then name the file.
 """
 import copy
 import json
 import math
+import shutil
 
 import pytest
 from hypothesis import strategies as st
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 from fuzzing import BUDGETS, run_cases
 from mindone_idefics3.config import Idefics3Config, TextConfig, VisionConfig
 from mindone_idefics3.errors import Idefics3Error
+from mindone_idefics3.processing import Idefics3Processor
 from mindone_idefics3.processing.image import ImageProcessorConfig
 
 DELETE = object()  # the mutation that removes a field
@@ -263,3 +267,55 @@ def test_fuzzed_preprocessor_config_loads_exactly_when_valid_and_names_the_bad_f
 def test_the_unmutated_configs_are_valid(config):
     assert not (config_problems(config) if config is CONFIG else preprocessor_problems(config))
     (Idefics3Config if config is CONFIG else ImageProcessorConfig).from_dict(config)
+
+
+@st.composite
+def damaged_files(draw, base):
+    """The bytes of `base` as a JSON file, damaged (None: the file is missing)."""
+    text = json.dumps(base, indent=1).encode()
+    at = draw(st.integers(0, len(text)))
+    return draw(st.sampled_from([
+        None, b"", text[:at], text[:at] + b"\xff\xfe" + text[at:], text[:at] + b"[" * 20_000 + text[at:],
+        text[:at] + b"9" * 5000 + text[at:], b"[" + text + b"]", text.replace(b":", b"=", 1), text]))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from mindone_idefics3.demo import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("files") / "model")
+
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
+@BUDGETS
+def test_damaged_config_files_give_an_error_naming_the_file(model_dir, tmp_path, name, budget):
+    directory = tmp_path / "model"
+    shutil.copytree(model_dir, directory)
+    base = json.loads((directory / name).read_text())
+    problems = config_problems if name == "config.json" else preprocessor_problems
+    load = (lambda: Idefics3Config.from_json_file(directory / name)) if name == "config.json" else \
+        (lambda: Idefics3Processor.from_pretrained(directory))
+
+    def check(data):
+        path = directory / name
+        path.unlink(missing_ok=True)
+        if data is not None:
+            path.write_bytes(data)
+        try:
+            parsed = json.loads(data)
+        except (TypeError, ValueError, RecursionError):
+            parsed = None
+        fields = problems(parsed) if isinstance(parsed, dict) else None
+        try:
+            load()
+        except Idefics3Error as e:
+            assert "\n" not in str(e)
+            if fields is None:
+                assert name in str(e), str(e)
+            else:
+                assert fields, f"a valid {name} was refused: {e}"
+                assert_names_a_problem(e, fields)
+            return
+        assert fields == [], f"a damaged {name} was accepted"
+
+    run_cases(damaged_files(base), check, budget)

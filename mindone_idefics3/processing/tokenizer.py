@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import Idefics3Error
+from ..json_file import read_json
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
@@ -46,17 +47,6 @@ def _content(token) -> Optional[str]:
     if isinstance(token, dict):
         return token.get("content")
     return token
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a checkpoint file, or one Idefics3Error saying what is wrong with it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Idefics3Error(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise Idefics3Error(f"{path} must hold a JSON object")
-    return data
 
 
 class TextTokenizer:
@@ -103,7 +93,7 @@ class TextTokenizer:
         config_file = directory / "tokenizer_config.json"
         config = read_json(config_file) if config_file.is_file() else {}
         config.update(overrides)
-        spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        spec = read_json(tokenizer_file)
         pre = spec.get("pre_tokenizer") or {}
         if "add_prefix_space" in config and "add_prefix_space" in pre:
             pre["add_prefix_space"] = bool(config["add_prefix_space"])
