@@ -217,16 +217,24 @@ def assert_names_a_problem(error: Idefics3Error, problems) -> None:
     assert any(any(name in message for name in names) for names in problems), (message, problems)
 
 
-def check_config(case) -> None:
-    config, _ = case
-    problems = config_problems(config)
+def loaded_as_specified(load, config, problems):
+    """`load(config)` (as read back from JSON) if `problems` is empty, else None after an Idefics3Error that names
+    one of them."""
     try:
-        loaded = Idefics3Config.from_dict(json.loads(json.dumps(config)))
+        loaded = load(json.loads(json.dumps(config)))
     except Idefics3Error as e:
         assert problems, f"a valid config was refused: {e}"
         assert_names_a_problem(e, problems)
-        return
+        return None
     assert not problems, f"an invalid config was accepted: {problems}"
+    return loaded
+
+
+def check_config(case) -> None:
+    config, _ = case
+    loaded = loaded_as_specified(Idefics3Config.from_dict, config, config_problems(config))
+    if loaded is None:
+        return
     for section, name in case[1]:
         where = {"config": loaded, "vision_config": loaded.vision_config, "text_config": loaded.text_config,
                  "rope_scaling": loaded.text_config.rope_scaling}.get(section)
@@ -240,14 +248,9 @@ def check_config(case) -> None:
 
 def check_preprocessor(case) -> None:
     config, changed = case
-    problems = preprocessor_problems(config)
-    try:
-        loaded = ImageProcessorConfig.from_dict(json.loads(json.dumps(config)))
-    except Idefics3Error as e:
-        assert problems, f"a valid preprocessor config was refused: {e}"
-        assert_names_a_problem(e, problems)
+    loaded = loaded_as_specified(ImageProcessorConfig.from_dict, config, preprocessor_problems(config))
+    if loaded is None:
         return
-    assert not problems, f"an invalid preprocessor config was accepted: {problems}"
     for _, name in changed:
         if name in ("do_resize", "do_image_splitting", "resample", "rescale_factor") and config.get(name) is not None:
             assert getattr(loaded, name) == config[name]
