@@ -88,11 +88,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
     from . import Idefics3ForConditionalGeneration, Idefics3Processor
     from .device import resolve_dtype, select_device
     from .generation import GenerationStats, stream_generate
-    from .processing import load_image
     from .hub import resolve_model_dir
+    from .processing import load_image
+
+    import_seconds = time.perf_counter() - t_start
 
     device = select_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -130,10 +133,13 @@ def _answer(args: argparse.Namespace) -> int:
     answer = "".join(pieces)
     report = dict(model=args.model, device=device, dtype=args.dtype or ("bf16" if device == "Ascend" else "fp32"),
                   prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens,
-                  load_seconds=round(load_seconds, 3), time_to_first_token=round(stats.time_to_first_token, 3),
+                  import_seconds=round(import_seconds, 3), load_seconds=round(load_seconds, 3),
+                  time_to_first_token=round(stats.time_to_first_token, 3),
+                  vision_seconds=round(stats.vision_seconds, 3), prefill_seconds=round(stats.prefill_seconds, 3),
                   first_step_seconds=round(stats.first_step_seconds, 3),
                   decode_tokens_per_second=round(stats.decode_tokens_per_second, 2),
-                  peak_host_memory_mb=round(_peak_rss_mb(), 1))
+                  decode_seconds=round(stats.decode_seconds, 3), peak_host_memory_mb=round(_peak_rss_mb(), 1),
+                  total_seconds=round(time.perf_counter() - t_start, 3))
     if device == "Ascend":
         import mindspore as ms
 

@@ -6,10 +6,12 @@ kernels with try/except: on the CPU a missing kernel can fail later, in an unrel
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Union
 
 import mindspore as ms
+from mindspore import log as ms_log
 from mindspore._c_expression import DeviceManagerConf, RuntimeConf
 
 from .errors import Idefics3Error
@@ -27,7 +29,15 @@ _threads_we_set: Optional[int] = None  # the CPU kernel threads this package set
 
 
 def ascend_available() -> bool:
-    return bool(ms.device_context.ascend.is_available())
+    """Whether an Ascend NPU is usable — asked without MindSpore's "Device Ascend is not available" warnings, which
+    it logs on every CPU-only machine (our own error says what to do when Ascend was asked for)."""
+    logger = ms_log._get_logger()  # noqa: SLF001 - the only handle on MindSpore's Python logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return bool(ms.device_context.ascend.is_available())
+    finally:
+        logger.setLevel(level)
 
 
 def select_device(name: Optional[str] = None) -> str:
@@ -150,8 +160,13 @@ def dtype_name(dtype) -> str:
 
 def jit_cell(cell):
     """`cell` as a `mindspore.jit` function (capture_mode='ast': in-place Parameter writes persist), compiled once
-    per input shape. `ms.jit(cell.construct)` fails on the bound method, hence the plain wrapper."""
-    def run(*args):
-        return cell(*args)
+    per input shape. Each graph is the Cell's own: a shared Python wrapper made MindSpore warn that "the same
+    function" was compiled again for every new graph."""
+    return ms.jit(cell, capture_mode="ast")
 
-    return ms.jit(run, capture_mode="ast")
+
+def as_graph_inputs(params) -> list:
+    """Parameters as plain Tensors sharing their data (None stays None), to pass as inputs of one compiled graph
+    that several layers share: given Parameters, MindSpore compiles (and keeps the memory of) one graph per
+    Parameter set. In-place writes of the graph (a KV cache's scatter) still reach the Parameter."""
+    return [None if p is None else ms.Tensor(p) for p in params]

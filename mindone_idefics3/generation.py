@@ -19,6 +19,7 @@ from mindspore import Tensor, nn, ops
 
 from .device import jit_cell
 from .errors import Idefics3Error
+from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so compiled steps are reused
@@ -128,6 +129,8 @@ class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     time_to_first_token: float = 0.0  # seconds: vision + prefill + the first token
+    vision_seconds: float = 0.0  # the image tiles through the vision tower and connector (compiling included)
+    prefill_seconds: float = 0.0  # the prompt through the decoder into the cache (compiling included)
     first_step_seconds: float = 0.0  # the first decode step (includes compiling it, when not cached yet)
     decode_seconds: float = 0.0  # the decode steps after the first
     decode_steps: int = 0
@@ -148,19 +151,6 @@ def decode_step_fn(model, greedy: bool, use_jit: bool) -> Callable:
     return steps[key]
 
 
-class PrefillStep(nn.Cell):
-    """The prompt's embeddings through the decoder into cache slots 0..S-1 → last position's logits (B, V)."""
-
-    def __init__(self, model, compiled: bool):
-        super().__init__()
-        self.lm = model
-        self.in_graph = compiled
-
-    def construct(self, embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor):
-        hidden = self.lm.model.text_model(embeds, position_ids, key_keep, slots, "fill", self.in_graph)
-        return self.lm.logits(hidden[:, -1:])[:, -1]
-
-
 def prompt_slots(prompt_len: int, use_jit: bool) -> int:
     """Cache slots a prompt takes: compiled prefills see lengths rounded up to PREFILL_BUCKET (extra left padding,
     masked), so one graph serves every prompt length of a bucket."""
@@ -168,38 +158,34 @@ def prompt_slots(prompt_len: int, use_jit: bool) -> int:
 
 
 def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attention_mask, cache_len: int,
-            use_jit: bool = False):
+            use_jit: bool = False, stats: Optional[GenerationStats] = None):
     """Set up a (B, cache_len) static cache; run vision + the whole prompt into its first `prompt_slots` slots.
 
     Returns the last position's logits (B, V) fp32 and the key mask (B, cache_len) bool the decode steps use:
     the (left-padded) prompt's mask, then every generated slot (causality keeps future slots out).
     """
-    from .model.idefics3 import key_keep_or_none, position_ids_from_mask
-
     b, s = ids.shape
     text = model.model.text_model
     text.setup_caches(b, cache_len)
+    t0 = time.perf_counter()
     embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit)
+    if stats is not None:
+        ms.runtime.synchronize()  # wait for the vision tower, so the two phases are timed apart
+    t1 = time.perf_counter()
     slots = prompt_slots(s, use_jit)
     if slots > s:  # more left padding: masked keys, and their rows' outputs are never read
         embeds = ops.cat((ops.zeros((b, slots - s, embeds.shape[-1]), embeds.dtype), embeds), axis=1)
         mask = np.concatenate([np.zeros((b, slots - s), mask.dtype), mask], axis=1)
     key_keep = np.ones((b, cache_len), bool)
     key_keep[:, :slots] = mask.astype(bool)
-    step = prefill_step_fn(model, use_jit)
-    logits = step(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
-                  Tensor(np.arange(slots, dtype=np.int32)))
+    args = (embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
+            Tensor(np.arange(slots, dtype=np.int32)))
+    hidden = text.prefill(*args) if use_jit else text(*args, "fill", False)
+    logits = model.logits(hidden[:, -1:])[:, -1]
+    if stats is not None:
+        ms.runtime.synchronize()
+        stats.vision_seconds, stats.prefill_seconds = t1 - t0, time.perf_counter() - t1
     return logits, Tensor(key_keep)
-
-
-def prefill_step_fn(model, use_jit: bool) -> Callable:
-    """The prefill for the model's current caches (compiled once per prompt bucket shape with use_jit)."""
-    steps = model.model.text_model.compiled_steps
-    key = ("prefill", use_jit)
-    if key not in steps:
-        cell = PrefillStep(model, compiled=use_jit)
-        steps[key] = jit_cell(cell) if use_jit else cell
-    return steps[key]
 
 
 def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
@@ -236,7 +222,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     t0 = time.perf_counter()
     first_slot = prompt_slots(s, use_jit)  # decode writes from here on
     cache_len = -(-(first_slot + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit)
+    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats)
     sequences = ids.astype(np.int64)
     next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token
     finished = np.zeros(b, bool)

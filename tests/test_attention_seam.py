@@ -82,9 +82,8 @@ def test_cpu_builds_the_eager_backend_shared_by_all_layers(ckpt_a, ms_cpu):
     assert not kernels.fused_ops() and not kernels.attention_kernels(ms.bfloat16)
     model = Model.from_pretrained(ckpt_a.path, progress=False)
     text, vision = model.model.text_model, model.model.vision_model
-    assert all(layer.self_attn.attention is text.attention for layer in text.layers)
-    assert all(layer.self_attn.attention is vision.attention for layer in vision.encoder.layers)
-    assert not text.layers[0].mlp.fused and not text.norm.fused and not text.layers[0].self_attn.fused_rope
+    assert text.layer_math.attention is text.attention and vision.layer_math.attention is vision.attention
+    assert not text.layer_math.fused and not text.norm.fused and not text.fused_rope
 
 
 def test_the_kernel_switch_is_validated(monkeypatch, ms_cpu):
@@ -261,17 +260,32 @@ def _swiglu_stub(x, dim=-1):
     return x[..., :half] * x[..., half:]
 
 
+def install_stubs(monkeypatch) -> None:
+    for name, stub in zip(KERNELS, (_flash_stub, _fused_infer_stub, _rms_norm_stub, _add_rms_norm_stub, _rope_stub,
+                                    _swiglu_stub)):
+        monkeypatch.setattr(kernels, name, stub)
+
+
 def test_the_ascend_decode_step_compiles_under_jit(ckpt_a, monkeypatch, ms_cpu):
-    """The backend choice, sparse_mode and the mask tuple are graph constants: the Ascend branch of the decode
+    """The backend choice and sparse_mode are graph constants: the Ascend branch of the decode
     step builds one `mindspore.jit` graph (kernels replaced by shape-only stand-ins; numbers are checked above)."""
     install_references(monkeypatch)
     model = Model.from_pretrained(ckpt_a.path, progress=False)
     ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(1), **BATCHES["left_padding_images"])
     _, key_keep = prefill(model, ids.astype(np.int32), mask, pv, pam, cache_len=64)  # PyNative, references
-    for name, stub in zip(KERNELS, (_flash_stub, _fused_infer_stub, _rms_norm_stub, _add_rms_norm_stub, _rope_stub,
-                                    _swiglu_stub)):
-        monkeypatch.setattr(kernels, name, stub)
+    install_stubs(monkeypatch)
     step = decode_step_fn(model, greedy=True, use_jit=True)
     token = Tensor(np.array([[5], [7]], np.int32))
     out = step(token, Tensor(mask.sum(-1, keepdims=True).astype(np.int32)), Tensor([ids.shape[1]], ms.int32), key_keep)
     assert out.shape == (2,) and out.dtype == ms.int32
+
+
+def test_the_ascend_vision_and_prefill_layer_graphs_compile_under_jit(ckpt_a, monkeypatch, ms_cpu):
+    """The compiled per-layer graphs of vision and prefill take the Ascend mask tuples (sparse_mode, discard or
+    None, kv_lengths or None) as inputs: they build too, padded prompt and partial tiles included."""
+    install_references(monkeypatch)
+    install_stubs(monkeypatch)
+    model = Model.from_pretrained(ckpt_a.path, progress=False)
+    ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(2), **BATCHES["left_padding_images"])
+    logits, _ = prefill(model, ids.astype(np.int32), mask, pv, pam, cache_len=128, use_jit=True)
+    assert logits.shape == (2, ckpt_a.config["text_config"]["vocab_size"]) and logits.dtype == ms.float32

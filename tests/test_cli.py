@@ -31,6 +31,7 @@ def test_demo_runs_end_to_end():
     assert r.returncode == 0, r.stderr
     assert "random-weight" in r.stderr and "meaningless" in r.stderr
     assert "prompt tokens" in r.stderr and "tokens/s" in r.stderr and "time to first token" in r.stderr
+    assert "[WARNING]" not in r.stderr and "[ERROR]" not in r.stderr  # only our own messages
     assert r.stdout.strip()  # some (meaningless) text was streamed
 
 

@@ -82,6 +82,11 @@ class Idefics3Output:
     image_hidden_states: Optional[Tensor] = None  # (T, image_seq_len, text hidden)
 
 
+# Tiles per vision call: peak activation memory grows with it, speed hardly (a 512-px SmolVLM tile is already a
+# (1024 × 768) GEMM per projection). Measured on the CPU: benchmarks/results/vision_chunks.json.
+VISION_CHUNK_TILES = {"CPU": 1, "Ascend": 4}
+
+
 class Idefics3Model(nn.Cell):
     def __init__(self, cfg: Idefics3Config, dtype=ms.float32):
         super().__init__()
@@ -89,22 +94,36 @@ class Idefics3Model(nn.Cell):
         self.vision_model = VisionTransformer(cfg.vision_config, dtype)
         self.connector = Connector(cfg, dtype)
         self.text_model = LlamaModel(cfg.text_config, dtype)
-        self._vision_graph = None  # the compiled vision tower + connector, made on first use
+        self.vision_chunk: Optional[int] = None  # tiles per vision call; None = VISION_CHUNK_TILES of the device
+        self._vision_layer_graph = None  # the compiled vision layer every layer shares, made on first use
 
     def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
         """Vision tower + connector: tiles (T, 3, H, W) → (T, image_seq_len, text hidden)."""
         return self.connector(self.vision_model(pixel_values, patch_keep, position_ids))
 
     def image_features(self, vision: VisionInputs, dtype, use_jit: bool = False) -> Tensor:
-        """(T, image_seq_len, text hidden) features of the real tiles; compiled once per tile stack shape with
-        use_jit."""
+        """(T, image_seq_len, text hidden) features of the real tiles, `vision_chunk` tiles at a time.
+
+        use_jit: each layer runs as one compiled graph that all the layers and chunks share (weights are its
+        inputs), so peak memory is one layer's activations for one chunk, whatever the number of tiles.
+        """
         h, w = vision.pixel_values.shape[-2:]
         check_patch_grid(h // self.patch_size, w // self.patch_size, self.scale_factor)
-        keep = None if vision.patch_keep.all() else Tensor(vision.patch_keep)
-        if use_jit and self._vision_graph is None:
-            self._vision_graph = jit_cell(self)
-        run = self._vision_graph if use_jit else self
-        return run(Tensor(vision.pixel_values, dtype), keep, Tensor(vision.position_ids))
+        run_layer = self.vision_model.layer_math
+        if use_jit:
+            if self._vision_layer_graph is None:
+                self._vision_layer_graph = jit_cell(run_layer)
+            run_layer = self._vision_layer_graph
+        chunk = self.vision_chunk or VISION_CHUNK_TILES[current_device()]
+        features = []
+        for start in range(0, len(vision.pixel_values), chunk):
+            part = slice(start, start + chunk)
+            keep = vision.patch_keep[part]
+            x = self.vision_model.encode(Tensor(vision.pixel_values[part], dtype),
+                                         None if keep.all() else Tensor(keep), Tensor(vision.position_ids[part]),
+                                         run_layer)
+            features.append(self.connector(x))
+        return features[0] if len(features) == 1 else ops.cat(features, axis=0)
 
 
 class Idefics3ForConditionalGeneration(nn.Cell):
@@ -238,7 +257,8 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **kwargs):
         """Prompt + new tokens, (B, S + new) int64; see `mindone_idefics3.generation.generate` for the options
         (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, streamer).
-        Options not given come from the checkpoint's generation_config.json."""
+        Options not given come from the checkpoint's generation_config.json. A thin delegate: generation.py
+        builds on the model (imports run generation → model only), so it is imported here when called."""
         from ..generation import generate
 
         return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask,

@@ -18,32 +18,40 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
+from ..device import as_graph_inputs, jit_cell
 from ..ops import kernels
 from ..ops.attention import make_attention
-from ..ops.kv_cache import KVCache, scatter_index
-from ..ops.norms import RMSNorm
+from ..ops.kv_cache import KVCache, scatter_index, write_cache
+from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
-from .layers import Embedding, Linear
+from .layers import Embedding, Linear, linear
 
 
-class LlamaAttention(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype, attention: nn.Cell):
+class DecoderLayerMath(nn.Cell):
+    """One decoder layer as a function of its weights and KV cache (no parameters of its own).
+
+    Inside the compiled decode step every layer runs it with its own Parameters; a prefill runs one compiled graph
+    of it that all the layers share, their weights and caches passed as graph inputs (`LlamaModel.prefill`), so a
+    compiled call holds one layer's activations and one graph serves all the layers.
+    """
+
+    def __init__(self, cfg: TextConfig, attention: nn.Cell):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
+        self.intermediate, self.eps = cfg.intermediate_size, cfg.rms_norm_eps
         self.attention = attention  # the model's attention backend (shared by its layers)
-        self.fused_rope = kernels.fused_ops()
-        self.kv_cache: Optional[KVCache] = None
+        self.fused = kernels.fused_ops()
 
-    def construct(self, x: Tensor, rope, mask, slots: Tensor, index, cache: str, shape) -> Tensor:
-        """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernel);
-        shape: (B, S); slots/index: see `LlamaModel.construct`."""
+    def construct(self, x: Tensor, rope, mask, slots: Tensor, index, cache: str, shape, cache_k, cache_v,
+                  *weights) -> Tensor:
+        """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernels);
+        shape: (B, S); slots/index/cache: see `LlamaModel.construct`; cache_k/v: this layer's KV cache (None with
+        cache "none"); weights: `LlamaDecoderLayer.weights()`, as separate arguments."""
+        in_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b = weights
         b, s = shape
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        if self.fused_rope:  # q and k heads rotated in one call, in (B, S, N, D) layout (see ops/rope.py)
+        qkv = linear(rms_norm(x, in_norm, self.eps, self.fused), qkv_w, qkv_b)
+        if self.fused:  # q and k heads rotated in one call, in (B, S, N, D) layout (see ops/rope.py)
             qk, v = ops.split(qkv, ((nq + nkv) * d, nkv * d), axis=-1)
             qk = apply_rotary(qk.reshape(b, s, nq + nkv, d), rope[0], rope[1], True)
             q, k = ops.split(qk.swapaxes(1, 2), (nq, nkv), axis=1)  # (B, N, S, D)
@@ -52,10 +60,16 @@ class LlamaAttention(nn.Cell):
             q, k = heads_first(q, b, s, nq, d), heads_first(k, b, s, nkv, d)
         v = heads_first(v, b, s, nkv, d)
         if cache == "decode":  # write the new slots, attend over the whole cache
-            k, v = self.kv_cache(slots, index, k, v)
+            k, v = write_cache(cache_k, cache_v, slots, index, k, v)
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
-            self.kv_cache(slots, index, k, v)  # when its outputs were unpacked and unused, jit dropped the write
-        return self.o_proj(self.attention(q, k, v, mask).reshape(b * s, nq * d))
+            write_cache(cache_k, cache_v, slots, index, k, v)  # when its outputs were unpacked and unused, jit dropped the write
+        attn = linear(self.attention(q, k, v, mask).reshape(b * s, nq * d), o_w, o_b)
+        h, normed = add_rms_norm(x, attn, post_norm, self.eps, self.fused)  # h = x + attn, normed = norm(h)
+        gate_up = linear(normed, gate_up_w, gate_up_b)  # gate ‖ up: swiglu's silu(first half) · second half
+        if self.fused:
+            return h + linear(kernels.swiglu(gate_up, -1), down_w, down_b)
+        gate, up = ops.split(gate_up, self.intermediate, axis=-1)
+        return h + linear(ops.silu(gate) * up, down_w, down_b)
 
 
 def heads_first(x: Tensor, b: int, s: int, n: int, d: int) -> Tensor:
@@ -65,34 +79,42 @@ def heads_first(x: Tensor, b: int, s: int, n: int, d: int) -> Tensor:
     return x.reshape(b, s, n, d).swapaxes(1, 2)
 
 
+class LlamaAttention(nn.Cell):
+    """The attention weights of a layer (q, k, v fused into `qkv_proj`) and its KV cache, when one is set up."""
+
+    def __init__(self, cfg: TextConfig, dtype):
+        super().__init__()
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias,
+                             dtype=dtype)
+        self.kv_cache: Optional[KVCache] = None
+
+
 class LlamaMLP(nn.Cell):
     def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
-        self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
-        self.fused = kernels.fused_ops()
-
-    def construct(self, x: Tensor) -> Tensor:
-        gate_up = self.gate_up_proj(x)  # gate ‖ up: swiglu's silu(first half) · second half
-        if self.fused:
-            return self.down_proj(kernels.swiglu(gate_up, -1))
-        gate, up = ops.split(gate_up, self.intermediate, axis=-1)
-        return self.down_proj(ops.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, cfg: TextConfig, dtype, attention: nn.Cell):
+    """A layer's weights (transformers' names, fused projections) and KV cache; `DecoderLayerMath` runs them."""
+
+    def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(cfg, dtype, attention)
+        self.self_attn = LlamaAttention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def construct(self, x, rope, mask, slots, index, cache, shape):
-        attn = self.self_attn(self.input_layernorm(x), rope, mask, slots, index, cache, shape)
-        h, normed = self.post_attention_layernorm.add_and_norm(x, attn)  # h = x + attn, normed = norm(h)
-        return h + self.mlp(normed)
+    def state(self) -> tuple:
+        """(cache k, cache v, *weights): the arguments of `DecoderLayerMath` after the activations."""
+        attn, mlp, cache = self.self_attn, self.mlp, self.self_attn.kv_cache
+        return (None if cache is None else cache.k, None if cache is None else cache.v,
+                self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                attn.o_proj.bias, self.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 class LlamaModel(nn.Cell):
@@ -103,13 +125,14 @@ class LlamaModel(nn.Cell):
         self.cfg, self.dtype = cfg, dtype
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.attention = make_attention(cfg.head_dim, dtype)
-        self.layers = nn.CellList([LlamaDecoderLayer(cfg, dtype, self.attention)
-                                   for _ in range(cfg.num_hidden_layers)])
+        self.layer_math = DecoderLayerMath(cfg, self.attention)
+        self.layers = nn.CellList([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg, dtype)
         self.fused_rope = kernels.fused_ops()
         self.cache_shape: Optional[tuple] = None
         self.compiled_steps: dict = {}  # functions compiled against the current caches (generation.py)
+        self._layer_graph = None  # the compiled `layer_math` of `prefill`, made on first use
 
     def setup_caches(self, batch: int, max_length: int) -> None:
         """Preallocate a static KV cache of `max_length` slots per layer (replacing any previous one)."""
@@ -139,12 +162,33 @@ class LlamaModel(nn.Cell):
         `mindspore.jit` graph (how the cache is written, see kv_cache.py). Returns (B, S, H).
         """
         b, s, hidden = inputs_embeds.shape
-        rope = self.rotary_emb(position_ids) if self.fused_rope else self.rotary_emb.row_tables(position_ids)
-        mask = self.attention.mask(key_keep, slots, compiled)
-        index = None
-        if compiled and cache != "none":
-            index = scatter_index(b, self.cfg.num_key_value_heads, slots)
+        rope, mask, index = self.tables(position_ids, key_keep, slots, compiled, compiled and cache != "none")
         h = inputs_embeds.reshape(b * s, hidden)
         for layer in self.layers:
-            h = layer(h, rope, mask, slots, index, cache, (b, s))
+            h = self.layer_math(h, rope, mask, slots, index, cache, (b, s), *layer.state())
         return self.norm(h).reshape(b, s, hidden)
+
+    def prefill(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor],
+                slots: Tensor) -> Tensor:
+        """`construct` with cache "fill", driven from the host one layer at a time through one compiled graph of
+        `layer_math` that every layer shares (their weights and caches are its inputs, compiled once per prompt
+        shape), so a compiled call holds one layer's activations whatever the number of layers. Returns (B, S, H).
+        """
+        if self._layer_graph is None:
+            self._layer_graph = jit_cell(self.layer_math)
+        b, s, hidden = inputs_embeds.shape
+        rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
+        rope = ms.mutable(rope)  # tensors in a tuple input are constants to jit (a recompile per new value) unless so
+        h = inputs_embeds.reshape(b * s, hidden)
+        for layer in self.layers:
+            h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s), *as_graph_inputs(layer.state()))
+        return self.norm(h).reshape(b, s, hidden)
+
+    def tables(self, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor, in_graph: bool,
+               graph_writes: bool):
+        """What every layer shares, made once per forward: rotary tables, attention mask, and the cache's scatter
+        indices when the cache is written inside a compiled graph (graph_writes; else None)."""
+        rope = self.rotary_emb(position_ids) if self.fused_rope else self.rotary_emb.row_tables(position_ids)
+        mask = self.attention.mask(key_keep, slots, in_graph)
+        index = scatter_index(position_ids.shape[0], self.cfg.num_key_value_heads, slots) if graph_writes else None
+        return rope, mask, index

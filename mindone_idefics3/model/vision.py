@@ -10,12 +10,13 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import VisionConfig
+from ..device import as_graph_inputs
 from ..errors import Idefics3Error
 from ..ops import kernels
 from ..ops.activations import gelu_tanh
 from ..ops.attention import make_attention, split_heads
-from ..ops.norms import LayerNorm
-from .layers import Embedding, Linear
+from ..ops.norms import LayerNorm, layer_norm, layer_norm_op
+from .layers import Embedding, Linear, linear
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,17 +97,38 @@ class VisionEmbeddings(nn.Cell):
         return self.patch_embedding(pixel_values) + self.position_embedding(position_ids)
 
 
-class VisionAttention(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype, attention: nn.Cell):
+class VisionLayerMath(nn.Cell):
+    """One SigLIP encoder layer as a function of its weights (no parameters of its own).
+
+    Every layer runs it with its own weights; passed as graph inputs, the weights let one compiled graph serve all
+    the layers of the tower (`VisionTransformer.encode`), so a compiled call holds one layer's activations only.
+    """
+
+    def __init__(self, cfg: VisionConfig, attention: nn.Cell):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, dtype=dtype)  # q, k, v fused
-        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype)
         self.attention = attention  # the tower's attention backend (shared by its layers)
+        self.norm = layer_norm_op(cfg.layer_norm_eps)
+        self.fused = kernels.fused_ops()
 
-    def construct(self, x: Tensor, mask) -> Tensor:
-        q, k, v = split_heads(self.qkv_proj(x), self.num_heads, self.num_heads, self.head_dim)
-        return self.out_proj(self.attention(q, k, v, mask))
+    def construct(self, x: Tensor, mask, *weights) -> Tensor:
+        """x (T, P, D); mask: the attention backend's; weights: `VisionEncoderLayer.weights()`, as separate
+        arguments (a compiled graph takes Parameters one by one, not in a tuple)."""
+        ln1_w, ln1_b, qkv_w, qkv_b, out_w, out_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b = weights
+        q, k, v = split_heads(linear(layer_norm(x, ln1_w, ln1_b, self.norm), qkv_w, qkv_b), self.num_heads,
+                              self.num_heads, self.head_dim)
+        h = x + linear(self.attention(q, k, v, mask), out_w, out_b)
+        hidden = gelu_tanh(linear(layer_norm(h, ln2_w, ln2_b, self.norm), fc1_w, fc1_b), self.fused)
+        return h + linear(hidden, fc2_w, fc2_b)
+
+
+class VisionAttention(nn.Cell):
+    """The attention weights of a layer, under transformers' names (q, k, v fused into `qkv_proj`)."""
+
+    def __init__(self, cfg: VisionConfig, dtype):
+        super().__init__()
+        self.qkv_proj = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, dtype=dtype)
+        self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype)
 
 
 class VisionMLP(nn.Cell):
@@ -114,34 +136,31 @@ class VisionMLP(nn.Cell):
         super().__init__()
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype)
-        self.fused = kernels.fused_ops()
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x), self.fused))
 
 
 class VisionEncoderLayer(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype, attention: nn.Cell):
+    """A layer's weights (transformers' names); `VisionLayerMath` runs them."""
+
+    def __init__(self, cfg: VisionConfig, dtype):
         super().__init__()
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
-        self.self_attn = VisionAttention(cfg, dtype, attention)
+        self.self_attn = VisionAttention(cfg, dtype)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.mlp = VisionMLP(cfg, dtype)
 
-    def construct(self, x: Tensor, mask) -> Tensor:
-        h = x + self.self_attn(self.layer_norm1(x), mask)
-        return h + self.mlp(self.layer_norm2(h))
+    def weights(self) -> tuple:
+        attn, mlp = self.self_attn, self.mlp
+        return (self.layer_norm1.weight, self.layer_norm1.bias, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                attn.out_proj.weight, attn.out_proj.bias, self.layer_norm2.weight, self.layer_norm2.bias,
+                mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
 
 class VisionEncoder(nn.Cell):
-    def __init__(self, cfg: VisionConfig, dtype, attention: nn.Cell):
-        super().__init__()
-        self.layers = nn.CellList([VisionEncoderLayer(cfg, dtype, attention) for _ in range(cfg.num_hidden_layers)])
+    """The layers' weights (`encoder.layers.N.*`); `VisionTransformer.encode` runs them."""
 
-    def construct(self, x: Tensor, mask) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
+    def __init__(self, cfg: VisionConfig, dtype):
+        super().__init__()
+        self.layers = nn.CellList([VisionEncoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
 
 
 class VisionTransformer(nn.Cell):
@@ -151,11 +170,19 @@ class VisionTransformer(nn.Cell):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg, dtype)
         self.attention = make_attention(cfg.head_dim, dtype)
-        self.encoder = VisionEncoder(cfg, dtype, self.attention)
+        self.layer_math = VisionLayerMath(cfg, self.attention)
+        self.encoder = VisionEncoder(cfg, dtype)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
     def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
         """patch_keep None: every patch is real (full tiles), no mask needed."""
+        return self.encode(pixel_values, patch_keep, position_ids, self.layer_math)
+
+    def encode(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor, run_layer) -> Tensor:
+        """The tower with each layer run as `run_layer(x, mask, *layer.weights())`: `layer_math` itself, or one
+        compiled graph of it that every layer shares (so a compiled call holds one layer's activations)."""
         x = self.embeddings(pixel_values, position_ids)
-        x = self.encoder(x, self.attention.mask(patch_keep))
+        mask = self.attention.mask(patch_keep)
+        for layer in self.encoder.layers:
+            x = run_layer(x, mask, *as_graph_inputs(layer.weights()))
         return self.post_layernorm(x)

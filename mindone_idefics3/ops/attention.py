@@ -20,8 +20,10 @@ What each backend receives:
   eager masks), (B, 1, Sq, Sk) or (B, 1, 1, Sk), or None; matmul → + bias → fp32 softmax → matmul, grouped KV
   heads without repeating them in memory. The bias is made once per forward: per layer it costs one add (a select
   took 3× as long on the CPU: 3.8 vs ~1.2 ms per layer for a 384-token prefill).
-- `AscendAttention`: `(sparse_mode, discard, kv_lengths)` with discard a bool mask, 1/True = do NOT attend (the
-  kernels' polarity), then
+- `AscendAttention`: tensors only (None, `discard`, or `(discard, kv_lengths)` against a KV cache), so a
+  compiled graph can take the mask as an input without recompiling when its values change; discard is a bool
+  mask, 1/True = do NOT attend (the kernels' polarity), and a 2-D discard is the compressed causal template
+  (sparse_mode 3), a 4-D one the full mask (sparse_mode 0). Then
   - own tokens → `flash_attention_score`, layout BNSD, native GQA:
     vision, no padded patch: no mask;  vision with padded patches: discard (B, 1, S, S), sparse_mode 0;
     text without padding: the compressed causal mask triu(ones(2048, 2048), 1) with sparse_mode 3
@@ -100,7 +102,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     transformers' `repeat_kv`); bias: `attention_bias`, fp32, broadcastable to (B, 1, Sq, Sk), added to the
     scaled scores, or None when every key is visible to every query.
     Returns (B, Sq, Nq·D), ready for the output projection. Softmax runs in fp32 whatever the input dtype.
+
+    Long prompts are computed in blocks of queries so that at most SCORE_BLOCK_ELEMENTS fp32 scores exist at a
+    time (a 4k-token prompt of SmolVLM would otherwise hold 9 × 4096² scores, 604 MB, several times over); each
+    query's result is the same as in one block (its scores, softmax and sum are computed alike).
     """
+    b, nq, sq, _ = q.shape
+    block = max(1, SCORE_BLOCK_ELEMENTS // (b * nq * k.shape[2]))
+    if sq <= block:
+        return _attention_block(q, k, v, bias, scale)
+    per_query = bias is not None and bias.shape[2] != 1
+    outs = []
+    for i in range(0, sq, block):
+        outs.append(_attention_block(q[:, :, i:i + block], k, v, bias[:, :, i:i + block] if per_query else bias,
+                                     scale))
+    return ops.cat(outs, axis=1)
+
+
+SCORE_BLOCK_ELEMENTS = 1 << 25  # fp32 attention scores computed at once by the eager path (128 MB)
+
+
+def _attention_block(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+    """`attention` over all of q at once."""
     b, nq, sq, d = q.shape
     nkv, sk = k.shape[1], k.shape[2]
     rep = nq // nkv
@@ -161,7 +184,7 @@ class AscendAttention(nn.Cell):
         self.causal_template = compressed_causal_mask()
 
     def mask(self, key_keep: Optional[Tensor], q_slots: Optional[Tensor] = None, in_graph: bool = False):
-        """(sparse_mode, discard or None, kv_lengths or None) — see the module docstring.
+        """None, discard, or (discard, kv_lengths) — see the module docstring.
 
         in_graph: True inside a `mindspore.jit` graph. Outside one (a PyNative prefill), an all-real key_keep is
         recognised with one host read of the (B, S) mask, so unpadded prompts take the compressed causal mask;
@@ -170,37 +193,38 @@ class AscendAttention(nn.Cell):
         """
         if q_slots is None:  # bidirectional (vision)
             if key_keep is None:
-                return 0, None, None
+                return None
             s = key_keep.shape[1]
             discard = ops.logical_not(key_keep.astype(ms.bool_))[:, None, None, :]
-            return 0, ops.broadcast_to(discard, (key_keep.shape[0], 1, s, s)), None
+            return ops.broadcast_to(discard, (key_keep.shape[0], 1, s, s))
         sq = q_slots.shape[0]
         if key_keep is not None and key_keep.shape[1] != sq:  # decode against a KV cache
             discard = ops.logical_not(make_keep_mask(key_keep, q_slots))  # (B, 1, Sq, Sk)
             kv_lengths = ops.broadcast_to((q_slots[-1:] + 1).astype(ms.int64), (key_keep.shape[0],))
-            return 0, discard, kv_lengths
+            return discard, kv_lengths
         if not in_graph:
             if key_keep is not None and bool(key_keep.all()):
                 key_keep = None
         if key_keep is None:  # causal, no padding
-            return 3, self.causal_template, None
+            return self.causal_template
         k_slots = ops.arange(sq, dtype=ms.int32)
         diagonal = (k_slots[None, :] == q_slots.astype(ms.int32)[:, None])[None, None]
         keep = ops.logical_or(make_keep_mask(key_keep, q_slots), diagonal)  # padded rows see themselves
-        return 0, ops.logical_not(keep), None
+        return ops.logical_not(keep)
 
     def construct(self, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-        sparse_mode, discard, kv_lengths = mask
         b, nq, sq, d = q.shape
         if self.pad:
             q, k, v = ops.pad(q, (0, self.pad)), ops.pad(k, (0, self.pad)), ops.pad(v, (0, self.pad))
-        if kv_lengths is None:
-            out = kernels.flash_attention_score(q, k, v, nq, attn_mask=discard, scalar_value=self.scale,
-                                                input_layout="BNSD", sparse_mode=sparse_mode)
-        else:
+        if isinstance(mask, tuple):  # a KV cache
+            discard, kv_lengths = mask
             out, _ = kernels.fused_infer_attention_score(
                 q, k, v, atten_mask=discard, actual_seq_lengths_kv=kv_lengths, num_heads=nq, scale=self.scale,
                 input_layout="BNSD", num_key_value_heads=k.shape[1], inner_precise=0)
+        else:  # own tokens; the compressed causal template is the only 2-D mask
+            sparse_mode = 3 if mask is not None and mask.ndim == 2 else 0
+            out = kernels.flash_attention_score(q, k, v, nq, attn_mask=mask, scalar_value=self.scale,
+                                                input_layout="BNSD", sparse_mode=sparse_mode)
         if self.pad:
             out = out[..., :d]
         return out.swapaxes(1, 2).reshape(b, sq, nq * d)

@@ -25,6 +25,23 @@ def scatter_index(batch: int, kv_heads: int, slots: Tensor) -> Tensor:
                     ops.broadcast_to(slots.astype(ms.int32).reshape(1, 1, s, 1), (batch, kv_heads, s, 1))), -1)
 
 
+def write_cache(cache_k: Tensor, cache_v: Tensor, slots: Tensor, index, k: Tensor, v: Tensor):
+    """Write k, v (B, Nkv, S, D) into the caches (B, Nkv, L, D) at slots `slots` (S,) int32; return the caches.
+
+    index: `scatter_index(B, Nkv, slots)` inside a `mindspore.jit` graph (in place), None in PyNative (`ops.assign`
+    of the updated tensor; the caches must then be the Parameters themselves).
+    """
+    if index is not None:
+        ops.scatter_nd_update(cache_k, index, k)
+        ops.scatter_nd_update(cache_v, index, v)
+    else:
+        for cache, new in ((cache_k, k), (cache_v, v)):
+            updated = cache * 1
+            updated[:, :, slots] = new
+            ops.assign(cache, updated)
+    return cache_k, cache_v
+
+
 class KVCache(nn.Cell):
     """Keys and values of one attention layer, (batch, kv_heads, max_length, head_dim) each."""
 
@@ -34,17 +51,3 @@ class KVCache(nn.Cell):
         self.k = Parameter(ops.zeros(shape, dtype), name=f"{name}.k", requires_grad=False)
         self.v = Parameter(ops.zeros(shape, dtype), name=f"{name}.v", requires_grad=False)
 
-    def construct(self, slots: Tensor, index, k: Tensor, v: Tensor):
-        """Write k, v (B, Nkv, S, D) at cache slots `slots` (S,) int32; return the whole cache (k, v).
-
-        index: `scatter_index(B, Nkv, slots)` inside a `mindspore.jit` graph, None in PyNative.
-        """
-        if index is not None:
-            ops.scatter_nd_update(self.k, index, k)
-            ops.scatter_nd_update(self.v, index, v)
-        else:
-            for cache, new in ((self.k, k), (self.v, v)):
-                updated = cache * 1
-                updated[:, :, slots] = new
-                ops.assign(cache, updated)
-        return self.k, self.v

@@ -13,15 +13,27 @@ from mindspore.common.initializer import initializer
 from . import kernels
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale (transformers' order)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, fused: bool = False) -> Tensor:
+    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale (transformers' order).
+    fused: Ascend's `rms_norm` kernel."""
+    if fused:
+        return kernels.rms_norm(x, weight, eps)[0]
     x32 = x.astype(ms.float32)
     variance = ops.mean(x32 * x32, -1, keep_dims=True)
     return weight * (x32 * ops.rsqrt(variance + eps)).astype(x.dtype)
 
 
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float, fused: bool = False):
+    """The residual sum and its norm: (x + delta, rms_norm(x + delta)), one `add_rms_norm` kernel when fused."""
+    if fused:
+        normed, _, total = kernels.add_rms_norm(x, delta, weight, eps)
+        return total, normed
+    total = x + delta
+    return total, rms_norm(total, weight, eps)
+
+
 class RMSNorm(nn.Cell):
-    """RMSNorm over the last axis (eager, or Ascend's fused kernel)."""
+    """`rms_norm` with its parameter (eager, or Ascend's fused kernel)."""
 
     def __init__(self, hidden_size: int, eps: float, dtype=ms.float32):
         super().__init__()
@@ -30,28 +42,32 @@ class RMSNorm(nn.Cell):
         self.fused = kernels.fused_ops()
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.fused:
-            return kernels.rms_norm(x, self.weight, self.eps)[0]
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.fused)
 
     def add_and_norm(self, x: Tensor, delta: Tensor):
-        """The residual sum and its norm: (x + delta, norm(x + delta)), one `add_rms_norm` kernel on Ascend."""
-        if self.fused:
-            normed, _, total = kernels.add_rms_norm(x, delta, self.weight, self.eps)
-            return total, normed
-        total = x + delta
-        return total, rms_norm(total, self.weight, self.eps)
+        """(x + delta, norm(x + delta)), one `add_rms_norm` kernel on Ascend."""
+        return add_rms_norm(x, delta, self.weight, self.eps, self.fused)
+
+
+def layer_norm_op(eps: float):
+    """The LayerNorm primitive over the last axis (ops.layer_norm is Ascend-only in 2.10)."""
+    return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, norm) -> Tensor:
+    """LayerNorm over the last axis, computed in fp32 and cast back to the input dtype; norm: `layer_norm_op`."""
+    y, _, _ = norm(x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32))
+    return y.astype(x.dtype)
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, computed in fp32 and cast back to the input dtype."""
+    """`layer_norm` with its parameters."""
 
     def __init__(self, hidden_size: int, eps: float, dtype=ms.float32):
         super().__init__()
         self.weight = Parameter(initializer("ones", (hidden_size,), dtype))
         self.bias = Parameter(initializer("zeros", (hidden_size,), dtype))
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.norm = layer_norm_op(eps)
 
     def construct(self, x: Tensor) -> Tensor:
-        y, _, _ = self.norm(x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32))
-        return y.astype(x.dtype)
+        return layer_norm(x, self.weight, self.bias, self.norm)

@@ -1,0 +1,93 @@
+"""Bounded memory: vision in chunks of tiles and prefill one layer per compiled call, long prompts in blocks of
+queries — each equal to the one-call computation (fp32, relative L2 ≤ 1e-5) and to transformers."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from conftest import relative_l2
+from inputs import make_batch, reference_logits
+from mindone_idefics3 import Idefics3ForConditionalGeneration as Model
+from mindone_idefics3.generation import prefill
+from mindone_idefics3.model.idefics3 import prepare_vision_inputs
+from mindone_idefics3.ops import attention as attention_ops
+
+# Five real tiles in a padded batch: partial tiles (masked patches) next to full ones, and a zero padding image.
+BATCH = dict(images_per_row=[3, 2], text_lens=[6, 11], partial={(0, 1): (18, 11), (1, 0): (9, 24)})
+
+
+@pytest.fixture(scope="module")
+def model_a(ckpt_a, ms_cpu):
+    return Model.from_pretrained(ckpt_a.path, progress=False)
+
+
+def _features(model, pv, pam, chunk, use_jit):
+    cfg = model.config.vision_config
+    vision = prepare_vision_inputs(pv, pam, cfg.patch_size, cfg.patches_per_side)
+    model.model.vision_chunk = chunk
+    try:
+        return model.model.image_features(vision, ms.float32, use_jit).asnumpy()
+    finally:
+        model.model.vision_chunk = None
+
+
+@pytest.mark.parametrize("use_jit", [True, False], ids=["jit", "pynative"])
+def test_vision_chunks_equal_one_call_of_the_whole_tower(ckpt_a, model_a, use_jit):
+    _, _, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(3), **BATCH)
+    cfg = model_a.config.vision_config
+    vision = prepare_vision_inputs(pv, pam, cfg.patch_size, cfg.patches_per_side)
+    assert len(vision.pixel_values) == 5  # the zero padding image is not encoded
+    whole = model_a.model(Tensor(vision.pixel_values), Tensor(vision.patch_keep),
+                          Tensor(vision.position_ids)).asnumpy()  # every tile in one call, all layers inline
+    for chunk in (1, 2, 5):
+        got = _features(model_a, pv, pam, chunk, use_jit)
+        assert got.shape == whole.shape
+        assert relative_l2(got, whole) < 1e-5, chunk
+
+
+def test_one_compiled_vision_layer_serves_every_layer_and_chunk(ckpt_a, model_a):
+    _, _, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(4), **BATCH)
+    _features(model_a, pv, pam, 1, True)
+    graph = model_a.model._vision_layer_graph
+    _features(model_a, pv, pam, 2, True)
+    assert model_a.model._vision_layer_graph is graph  # one jit function for the tower, whatever the chunking
+
+
+def test_compiled_prefill_equals_pynative_and_the_reference(ckpt_a, model_a):
+    """The compiled per-layer prefill (a bucketed, left-padded prompt) = the PyNative one = transformers."""
+    ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(6), **BATCH)
+    ref = reference_logits(ckpt_a, ids, mask, pv, pam)[:, -1]
+    compiled, _ = prefill(model_a, ids.astype(np.int32), mask, pv, pam, cache_len=192, use_jit=True)
+    eager, _ = prefill(model_a, ids.astype(np.int32), mask, pv, pam, cache_len=192, use_jit=False)
+    assert relative_l2(compiled.asnumpy(), eager.asnumpy()) < 1e-5
+    assert relative_l2(compiled.asnumpy(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "jit"])
+def test_attention_in_blocks_of_queries_equals_one_block(monkeypatch, ms_cpu, compiled):
+    rng = np.random.default_rng(0)
+    q = Tensor(rng.standard_normal((2, 4, 37, 8), np.float32))
+    k, v = (Tensor(rng.standard_normal((2, 2, 37, 8), np.float32)) for _ in range(2))
+    keep = rng.random((2, 37)) > 0.2
+    keep[:, -1] = True
+    bias = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep), Tensor(np.arange(37, dtype=np.int32))))
+    key_bias = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep)))
+
+    def run(q, k, v, bias):
+        return attention_ops.attention(q, k, v, bias, 8 ** -0.5)
+
+    one = [run(q, k, v, b).asnumpy() for b in (bias, key_bias, None)]
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 37 * 5)  # blocks of 5 queries, 8 blocks
+    fn = ms.jit(run) if compiled else run
+    for expected, b in zip(one, (bias, key_bias, None)):
+        got = fn(q, k, v, b).asnumpy()
+        assert got.shape == (2, 37, 32)
+        assert relative_l2(got, expected) < 1e-6
+
+
+def test_long_prompt_through_blocks_equals_the_reference(ckpt_a, model_a, monkeypatch):
+    """A forward whose attention runs in blocks of queries (forced small) still matches transformers."""
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 4 * 16 * 64)
+    ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(8), images_per_row=[2], text_lens=[40])
+    got = model_a(ids, mask, pv, pam).logits.asnumpy()
+    assert relative_l2(got, reference_logits(ckpt_a, ids, mask, pv, pam)) < 1e-5
