@@ -123,6 +123,15 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def synchronize(tensor) -> None:
+    """Wait until `tensor` (and everything queued before it) is computed. On the CPU, MindSpore's
+    runtime.synchronize() logs "CPU device is not supported", so one element is read back instead."""
+    if is_ascend():
+        ms.runtime.synchronize()
+    else:
+        tensor.reshape(-1)[:1].asnumpy()
+
+
 def current_device() -> str:
     """The device in use (selecting the default one if nothing was chosen yet)."""
     return _chosen or select_device()

@@ -17,7 +17,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .device import jit_cell
+from .device import jit_cell, synchronize
 from .errors import Idefics3Error
 from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 
@@ -170,7 +170,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     t0 = time.perf_counter()
     embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit)
     if stats is not None:
-        ms.runtime.synchronize()  # wait for the vision tower, so the two phases are timed apart
+        synchronize(embeds)  # wait for the vision tower, so the two phases are timed apart
     t1 = time.perf_counter()
     slots = prompt_slots(s, use_jit)
     if slots > s:  # more left padding: masked keys, and their rows' outputs are never read
@@ -183,7 +183,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     hidden = text.prefill(*args) if use_jit else text(*args, "fill", False)
     logits = model.logits(hidden[:, -1:])[:, -1]
     if stats is not None:
-        ms.runtime.synchronize()
+        synchronize(logits)
         stats.vision_seconds, stats.prefill_seconds = t1 - t0, time.perf_counter() - t1
     return logits, Tensor(key_keep)
 
