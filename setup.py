@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # The reference implementation every parity test compares against (CPU torch wheel).
-        "test": ["pytest>=7", "torch==2.13.0", "transformers==4.57.1"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1"],
         "plot": ["matplotlib"],
     },
     entry_points={

@@ -6,14 +6,16 @@ Only the fields the model needs are kept (`from_dict` ignores the rest); a missi
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import Idefics3Error
+from .json_file import read_json
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MAX_SIZE = 2**31 - 1  # no dimension or count of a real model comes near
 
 
 def _from_dict(cls, data: dict, where: str, defaults_from_hf: dict):
@@ -31,11 +33,40 @@ def _from_dict(cls, data: dict, where: str, defaults_from_hf: dict):
     return cls(**kwargs)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_positive_ints(obj, where: str, names):
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise Idefics3Error(f"{where}.{name} must be a positive integer, got {value!r}")
+        if not _is_int(value) or not 0 < value <= MAX_SIZE:
+            raise Idefics3Error(f"{where}.{name} must be a positive integer (below 2^31), got {value!r:.80}")
+
+
+def _check_positive_numbers(obj, where: str, names):
+    """Finite numbers > 0 (JSON ints accepted), stored as floats."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise Idefics3Error(f"{where}.{name} must be a positive number, got {value!r:.80}")
+        setattr(obj, name, float(value))
+
+
+def _check_bools(obj, where: str, names):
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            raise Idefics3Error(f"{where}.{name} must be true or false, got {value!r:.80}")
+
+
+def _check_token_ids(obj, where: str, names, lists: bool = False):
+    """Token ids: an integer or null (or, with `lists`, a list of integers)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not (value is None or _is_int(value) or (lists and isinstance(value, list) and all(map(_is_int, value)))):
+            kind = "an integer, a list of integers or null" if lists else "an integer or null"
+            raise Idefics3Error(f"{where}.{name} must be a token id: {kind}, got {value!r:.80}")
 
 
 @dataclass
@@ -64,6 +95,10 @@ class VisionConfig:
         _check_positive_ints(cfg, "vision_config", ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                      "num_attention_heads", "num_channels", "image_size",
                                                      "patch_size"))
+        _check_positive_numbers(cfg, "vision_config", ("layer_norm_eps",))
+        if cfg.num_channels != 3:
+            raise Idefics3Error(f"vision_config.num_channels is {cfg.num_channels}; the image processor gives RGB "
+                                "images: it must be 3")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise Idefics3Error(f"vision_config.hidden_size ({cfg.hidden_size}) is not divisible by "
                                 f"num_attention_heads ({cfg.num_attention_heads})")
@@ -71,7 +106,7 @@ class VisionConfig:
             raise Idefics3Error(f"vision_config.image_size ({cfg.image_size}) is not a multiple of "
                                 f"patch_size ({cfg.patch_size})")
         if cfg.hidden_act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            raise Idefics3Error(f"vision_config.hidden_act {cfg.hidden_act!r} is not supported (SigLIP uses "
+            raise Idefics3Error(f"vision_config.hidden_act {cfg.hidden_act!r:.80} is not supported (SigLIP uses "
                                 "'gelu_pytorch_tanh')")
         return cfg
 
@@ -99,10 +134,10 @@ class RopeScaling:
         if data is None:
             return cls()
         if not isinstance(data, dict):
-            raise Idefics3Error(f"text_config.rope_scaling must be an object or null, got {data!r}")
+            raise Idefics3Error(f"text_config.rope_scaling must be an object or null, got {data!r:.80}")
         rope_type = data.get("rope_type", data.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise Idefics3Error(f"text_config.rope_scaling has rope type {rope_type!r}; supported: "
+            raise Idefics3Error(f"text_config.rope_scaling.rope_type {rope_type!r:.80} is not supported; supported: "
                                 f"{', '.join(SUPPORTED_ROPE_TYPES)}")
         needed = {"linear": ("factor",),
                   "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -110,7 +145,10 @@ class RopeScaling:
             if name not in data:
                 raise Idefics3Error(f"text_config.rope_scaling of type {rope_type!r} is missing '{name}'")
         known = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
-        return cls(rope_type=rope_type, **{k: v for k, v in data.items() if k in known})
+        scaling = cls(rope_type=rope_type, **{k: v for k, v in data.items() if k in known})
+        _check_positive_numbers(scaling, "text_config.rope_scaling", ("factor", "low_freq_factor", "high_freq_factor"))
+        _check_positive_ints(scaling, "text_config.rope_scaling", ("original_max_position_embeddings",))
+        return scaling
 
 
 @dataclass
@@ -147,22 +185,27 @@ class TextConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TextConfig":
         if isinstance(data, dict) and data.get("model_type", "llama") != "llama":
-            raise Idefics3Error(f"text_config.model_type is {data['model_type']!r}; only 'llama' decoders are "
+            raise Idefics3Error(f"text_config.model_type is {data['model_type']!r:.80}; only 'llama' decoders are "
                                 "supported")
         cfg = _from_dict(cls, data, "text_config", cls.HF_DEFAULTS)
         if cfg.num_key_value_heads is None:
             cfg.num_key_value_heads = cfg.num_attention_heads
-        if cfg.head_dim is None:
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads if cfg.num_attention_heads else 0
-        cfg.rope_scaling = RopeScaling.from_dict(data.get("rope_scaling") if isinstance(data, dict) else None)
         _check_positive_ints(cfg, "text_config", ("vocab_size", "hidden_size", "intermediate_size",
                                                    "num_hidden_layers", "num_attention_heads",
-                                                   "num_key_value_heads", "max_position_embeddings", "head_dim"))
+                                                   "num_key_value_heads", "max_position_embeddings"))
+        if cfg.head_dim is None:
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        _check_positive_ints(cfg, "text_config", ("head_dim",))
+        _check_positive_numbers(cfg, "text_config", ("rms_norm_eps", "rope_theta"))
+        _check_bools(cfg, "text_config", ("tie_word_embeddings", "attention_bias", "mlp_bias"))
+        _check_token_ids(cfg, "text_config", ("pad_token_id", "bos_token_id"))
+        _check_token_ids(cfg, "text_config", ("eos_token_id",), lists=True)
+        cfg.rope_scaling = RopeScaling.from_dict(data.get("rope_scaling"))
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise Idefics3Error(f"text_config.num_attention_heads ({cfg.num_attention_heads}) is not a multiple of "
                                 f"num_key_value_heads ({cfg.num_key_value_heads})")
         if cfg.hidden_act != "silu":
-            raise Idefics3Error(f"text_config.hidden_act {cfg.hidden_act!r} is not supported (Llama uses 'silu')")
+            raise Idefics3Error(f"text_config.hidden_act {cfg.hidden_act!r:.80} is not supported (Llama uses 'silu')")
         if cfg.head_dim % 2:
             raise Idefics3Error(f"text_config.head_dim ({cfg.head_dim}) must be even for rotary embeddings")
         return cfg
@@ -190,15 +233,16 @@ class Idefics3Config:
                                 "(Idefics3 and SmolVLM checkpoints); this is not an Idefics3 checkpoint")
         if "text_config" not in data:
             raise Idefics3Error("config.json is missing 'text_config'")
-        vision = VisionConfig.from_dict(data.get("vision_config") or {})
+        vision = VisionConfig.from_dict({} if data.get("vision_config") is None else data["vision_config"])
         text = TextConfig.from_dict(data["text_config"])
         top = {k: data.get(k, v) for k, v in cls.HF_DEFAULTS.items()}
         cfg = cls(vision_config=vision, text_config=text, **top)
         _check_positive_ints(cfg, "config", ("scale_factor",))
+        _check_token_ids(cfg, "config", ("image_token_id", "pad_token_id"))
         if vision.patches_per_side % cfg.scale_factor:
             raise Idefics3Error(f"config.scale_factor ({cfg.scale_factor}) does not divide the patch grid side "
                                 f"({vision.patches_per_side} = image_size / patch_size)")
-        if not isinstance(cfg.image_token_id, int) or not 0 <= cfg.image_token_id < text.vocab_size:
+        if cfg.image_token_id is None or not 0 <= cfg.image_token_id < text.vocab_size:
             raise Idefics3Error(f"config.image_token_id ({cfg.image_token_id!r}) is not a token id below "
                                 f"text_config.vocab_size ({text.vocab_size})")
         return cfg
@@ -206,13 +250,9 @@ class Idefics3Config:
     @classmethod
     def from_json_file(cls, path: Union[str, Path]) -> "Idefics3Config":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise Idefics3Error(f"{path} not found: a model directory needs its config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Idefics3Error(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        if not path.is_file():
+            raise Idefics3Error(f"{path} not found: a model directory needs its config.json")
+        return cls.from_dict(read_json(path))
 
     @property
     def image_seq_len(self) -> int:

@@ -9,7 +9,8 @@ with sha256, dtype, tool version). `Idefics3ForConditionalGeneration.from_pretra
   resident memory does not grow with the checkpoint); shard headers are computed up front from the source headers,
   so no shard is ever held in memory.
 - Atomic: everything is written into a hidden sibling of DST and renamed into place at the end; an existing DST
-  (replaced only with --force) is swapped out in one step once the new one is complete and verified.
+  (replaced only with --force) is swapped out in one step once the new one is complete and verified. A failed run
+  also removes the parent directories it created for DST (those still empty).
 - Verified: every output shard is re-opened (our header parser and safetensors' own) and each tensor compared,
   bit for bit, with its source cast again.
 - Names: as in the source (Hugging Face's), or with --fused the fused projections our Cells hold (`qkv_proj`,
@@ -279,6 +280,32 @@ def _remove_stale_partials(dst: Path) -> None:
             _remove(path)
 
 
+def _make_parents(dst: Path) -> List[Path]:
+    """Create DST's missing parent directories; returns them, deepest first (a failed conversion removes them)."""
+    missing, parent = [], dst.parent
+    while not (parent.exists() or parent.is_symlink()):
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        _remove_empty(missing)
+        raise
+    return missing
+
+
+def _remove_empty(directories: List[Path]) -> None:
+    """Remove `directories` (deepest first) while they are empty: a directory something else was put in stays,
+    and so do its parents."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -407,21 +434,21 @@ def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, 
     bytes_in = sum(reader.tensors[s].nbytes for t in tensors for s in t.sources)
     bytes_out = sum(t.nbytes for t in tensors)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(dst)
-    free = shutil.disk_usage(dst.parent).free
-    if free < bytes_out + (1 << 20):
-        raise Idefics3Error(f"{dst.parent} has {_size(free)} free; the converted checkpoint needs "
-                            f"{_size(bytes_out)}")
+    created = _make_parents(dst)
     tmp = _partial_dir(dst)
-    _remove(tmp)
-    extras = extra_files(src_dir)
     hasher = _Hasher()
-    for path in reader.files + extras:
-        hasher.add(path)
     bar_args = dict(unit="B", unit_scale=True, unit_divisor=1000, leave=False, file=sys.stderr,
                     disable=None if progress is None else not progress)
     try:
+        _remove_stale_partials(dst)
+        free = shutil.disk_usage(dst.parent).free
+        if free < bytes_out + (1 << 20):
+            raise Idefics3Error(f"{dst.parent} has {_size(free)} free; the converted checkpoint needs "
+                                f"{_size(bytes_out)}")
+        _remove(tmp)
+        extras = extra_files(src_dir)
+        for path in reader.files + extras:
+            hasher.add(path)
         tmp.mkdir()
         metadata = {"format": "ms", "dtype": dtype, "converted_by": f"mindone_idefics3.convert {__version__}"}
         buffers = ChunkBuffers(dtype)
@@ -458,6 +485,7 @@ def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, 
         _move_into_place(tmp, dst)
     except BaseException:
         _remove(tmp)
+        _remove_empty(created)
         raise
     finally:
         hasher.close()

@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import mindspore as ms
 from mindspore import log as ms_log
+from mindspore._c_expression import DeviceManagerConf, RuntimeConf
 
 from .errors import Idefics3Error
 
@@ -23,7 +24,8 @@ _DTYPES = {
 }
 SUPPORTED_DTYPES = {"Ascend": (ms.float32, ms.float16, ms.bfloat16), "CPU": (ms.float32, ms.float16)}
 
-_chosen: Optional[str] = None
+_chosen: Optional[str] = None  # MindSpore's device, once known (it cannot change within a process)
+_threads_we_set: Optional[int] = None  # the CPU kernel threads this package set, if it set them
 
 
 def ascend_available() -> bool:
@@ -39,26 +41,71 @@ def ascend_available() -> bool:
 
 
 def select_device(name: Optional[str] = None) -> str:
-    """Set MindSpore's device once: `name` ('Ascend' or 'CPU', any case), or Ascend when available, else CPU."""
+    """The device MindSpore runs on, set here only if nobody set it before; returns 'Ascend' or 'CPU'.
+
+    name: 'Ascend' or 'CPU' (any case), or None for the device already in use, else Ascend when available, else
+    CPU. MindSpore's device and CPU threads can be set once per process, and its user may have set them first
+    (`ms.set_device`, `ms.device_context.cpu.op_tuning.threads_num`, or by running an op): what is set is kept,
+    and only an explicit request that contradicts it is an error.
+    """
     global _chosen
-    if name is not None:
-        canonical = {d.lower(): d for d in DEVICES}.get(str(name).lower())
-        if canonical is None:
-            raise Idefics3Error(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-        if canonical == "Ascend" and not ascend_available():
+    wanted = _canonical(name) if name is not None else None
+    current = _chosen or _device_in_use()
+    if current is not None:
+        if current not in DEVICES:
+            raise Idefics3Error(f"MindSpore runs on {current} in this process, which mindone_idefics3 does not "
+                                f"support; use one of {', '.join(DEVICES)} (set it before any MindSpore op runs)")
+        if wanted is not None and wanted != current:
+            raise Idefics3Error(f"device {wanted!r} was asked for, but MindSpore already runs on {current} in this "
+                                f"process and cannot switch; pass device={current!r} (or none), or start a new "
+                                "process")
+    else:
+        current = wanted or ("Ascend" if ascend_available() else "CPU")
+        if current == "Ascend" and not ascend_available():
             raise Idefics3Error("device 'Ascend' was asked for but no Ascend NPU is usable here (MindSpore's Ascend "
                                 "plugin or CANN is missing); use --device CPU")
-    else:
-        canonical = _chosen or ("Ascend" if ascend_available() else "CPU")
-    if _chosen is not None and canonical != _chosen:
-        raise Idefics3Error(f"this process already runs on {_chosen}; MindSpore cannot switch to {canonical} "
-                            "afterwards: start a new process")
-    if _chosen is None:
-        ms.set_device(canonical)
-        if canonical == "CPU":
-            ms.device_context.cpu.op_tuning.threads_num(cpu_threads())
-        _chosen = canonical
+        ms.set_device(current)
+    _chosen = current
+    if current == "CPU":
+        _set_cpu_threads()
+    return current
+
+
+def _canonical(name: str) -> str:
+    canonical = {d.lower(): d for d in DEVICES}.get(str(name).lower())
+    if canonical is None:
+        raise Idefics3Error(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     return canonical
+
+
+def _device_in_use() -> Optional[str]:
+    """The device MindSpore was set to (`ms.set_device`) or already runs ops on; None while neither happened.
+
+    MindSpore 2.10 has no public "was it set" getter (`ms.get_current_device()` answers CPU before anything is
+    set): this is the check its own `set_device` makes before refusing a change.
+    """
+    if DeviceManagerConf.get_instance().is_device_enable():
+        return ms.get_current_device().device_target
+    target = ms.get_context("device_target")
+    return target if ms.hal.is_initialized(target) else None
+
+
+def _set_cpu_threads() -> None:
+    """Set MindSpore's CPU kernel threads to `cpu_threads()` unless they are set already (by us or by the user).
+
+    An explicit $MINDONE_CPU_THREADS that cannot be applied is an error: MindSpore does not tell how many threads
+    someone else set, so it cannot be checked against the request.
+    """
+    global _threads_we_set
+    requested = os.environ.get("MINDONE_CPU_THREADS")
+    if not RuntimeConf.get_instance().is_op_threads_num_configured():  # the check threads_num itself makes
+        _threads_we_set = cpu_threads()
+        ms.device_context.cpu.op_tuning.threads_num(_threads_we_set)
+    elif requested and (_threads_we_set is None or cpu_threads() != _threads_we_set):
+        already = f"to {_threads_we_set} by mindone_idefics3" if _threads_we_set else "by other code in this process"
+        raise Idefics3Error(f"MINDONE_CPU_THREADS={requested} cannot be applied: MindSpore's CPU threads were "
+                            f"already set {already} (ms.device_context.cpu.op_tuning.threads_num can be called "
+                            "once per process); unset MINDONE_CPU_THREADS to keep that setting")
 
 
 def cpu_threads() -> int:

@@ -20,6 +20,7 @@ from mindspore.common import np_dtype
 from safetensors import SafetensorError, safe_open
 
 from .errors import Idefics3Error
+from .json_file import read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -102,10 +103,10 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
         raise Idefics3Error(f"{path}: cannot read ({e})") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Idefics3Error(f"{path}: the header is not valid JSON ({e}); {corrupt}") from None
     except _DuplicateKey as e:
         raise Idefics3Error(f"{path}: the header lists {e.args[0]!r} twice; {corrupt}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or not JSON, a number too long, nesting too deep
+        raise Idefics3Error(f"{path}: the header cannot be parsed as JSON ({e}); {corrupt}") from None
     if not isinstance(header, dict):
         raise Idefics3Error(f"{path}: the header is not a JSON object; {corrupt}")
     metadata = header.pop("__metadata__", None) or {}
@@ -118,7 +119,7 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise Idefics3Error(f"{where} lacks dtype, shape or data_offsets; {corrupt}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SUPPORTED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
             if dtype in OTHER_SAFETENSORS_DTYPES:
                 raise Idefics3Error(f"{where} has dtype {dtype}; only F32, F16 and BF16 weights are supported")
             raise Idefics3Error(f"{where} has unknown dtype {dtype!r} (not a safetensors dtype): the file is corrupt "
@@ -146,6 +147,19 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
     if covered != size:
         raise Idefics3Error(f"{path}: {size - covered} bytes after the last tensor; {corrupt}")
     return infos, metadata
+
+
+def read_weight_map(index: Path) -> Dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index: tensor name → file name of a shard beside the index."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise Idefics3Error(f"{index} must hold a non-empty \"weight_map\" object from tensor names to shard file "
+                            "names; download it again")
+    outside = sorted(v for v in set(weight_map.values()) if v in ("", ".", "..") or Path(v).name != v)
+    if outside:
+        raise Idefics3Error(f"{index} maps tensors to {outside[0]!r:.80}, which is not the name of a file beside "
+                            "the index; the index is corrupt — download it again")
+    return weight_map
 
 
 class CheckpointReader:
@@ -182,10 +196,7 @@ class CheckpointReader:
     def _weight_files(self) -> List[Path]:
         index = self.dir / SAFE_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise Idefics3Error(f"{index} is not a valid safetensors index ({e!r})") from None
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.dir / f).is_file()]
             if missing:

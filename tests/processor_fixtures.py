@@ -168,3 +168,23 @@ def make_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Ima
         wide = (rgb[..., 0].astype(np.uint32) * 257 + rng.integers(0, 257, (height, width))).astype(np.uint16)
         return Image.fromarray(wide)
     return image.convert(mode)  # L, CMYK, 1
+
+
+def documented_conversion(image: Image.Image) -> Optional[Image.Image]:
+    """The RGB or RGBA image ours gives the same tiles for (image.py's docstring): RGBA for modes with alpha
+    (palette transparency included), RGB for the rest; None for 16-bit and float images (scaled, not converted)."""
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            image.mode == "P" and ("transparency" in image.info or image.palette.mode == "RGBA")):
+        return image if image.mode == "RGBA" else image.convert("RGBA")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return None
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def as_rgb(images):
+    """`images` (an image, or lists of them, nested) as transformers must get them to give our output: grey (L, 1)
+    and palette (P) images converted to RGB, palette images with transparency to RGBA. The reference resizes
+    one-channel images with NEAREST (or raises), where ours gives what the converted image gives."""
+    if isinstance(images, (list, tuple)):
+        return [as_rgb(image) for image in images]
+    return documented_conversion(images)

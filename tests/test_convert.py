@@ -89,6 +89,15 @@ def write_safetensors(path: Path, header: dict, data: bytes, *, header_bytes=Non
     path.write_bytes(len(hb).to_bytes(8, "little") + hb + data)
 
 
+def fail_writing(error):
+    """A write_shard that starts the shard, then fails with `error`."""
+    def write_shard(path, *args):
+        Path(path).write_bytes(b"partial")
+        raise error
+
+    return write_shard
+
+
 @pytest.fixture(scope="module")
 def src_a(ckpt_a, tmp_path_factory):
     """ckpt_a plus the processor/tokenizer/chat-template files a real checkpoint carries."""
@@ -430,7 +439,7 @@ BAD_INPUTS = {
     "pickle_weights": (_pickle_only, "pickle weights.*safetensors"),
     "truncated_file": (_truncated, "out of range.*truncated or corrupt"),
     "header_longer_than_file": (_header_longer_than_file, "header length field says .* but only .* follow"),
-    "invalid_header_json": (_invalid_header_json, "header is not valid JSON"),
+    "invalid_header_json": (_invalid_header_json, "header cannot be parsed as JSON"),
     "unknown_dtype": (_set("lm_head.weight", "dtype", "Q4"), "'lm_head.weight' has unknown dtype 'Q4'"),
     "unsupported_dtype": (_set("lm_head.weight", "dtype", "I32"), "dtype I32; only F32, F16 and BF16"),
     "offsets_out_of_range": (_edit_header(_offset_past_the_end), r"data_offsets \[\d+, \d+\] are out of range"),
@@ -538,14 +547,37 @@ def test_not_enough_space_is_refused_up_front_and_a_full_disk_leaves_no_dst(src_
     assert code == 2 and "has 1.00 kB free; the converted checkpoint needs 252.29 kB" in err
     monkeypatch.setattr(shutil, "disk_usage", real_usage)
 
-    def disk_full(path, *args):
-        Path(path).write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(convert, "write_shard", disk_full)
+    monkeypatch.setattr(convert, "write_shard", fail_writing(OSError(28, "No space left on device")))
     code, _, err = run(capsys, src_a, dst)
     assert code == 1 and "No space left on device" in err and f"{dst} was left as it was" in err
     assert not dst.exists() and not siblings(dst)
+
+
+@pytest.mark.parametrize("failure, code", [("no space", 2), ("disk full", 1), ("ctrl-c", 130)])
+def test_a_failed_conversion_removes_the_parent_directories_it_created(failure, code, src_a, tmp_path, capsys,
+                                                                        monkeypatch, ms_cpu):
+    (tmp_path / "existing").mkdir()
+    dst = tmp_path / "existing" / "new" / "deeper" / "ms"
+    if failure == "no space":
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    else:
+        error = OSError(28, "No space left on device") if failure == "disk full" else KeyboardInterrupt()
+        monkeypatch.setattr(convert, "write_shard", fail_writing(error))
+    assert run(capsys, src_a, dst)[0] == code
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
+
+
+def test_a_created_parent_that_received_other_files_meanwhile_is_kept(src_a, tmp_path, capsys, monkeypatch, ms_cpu):
+    dst = tmp_path / "new" / "deeper" / "ms"
+
+    def write_shard(path, *args):
+        (tmp_path / "new" / "someone else's file").write_text("kept")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "write_shard", write_shard)
+    assert run(capsys, src_a, dst)[0] == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "someone else's file"]
 
 
 # The real CLI, with every chunk slowed down so that a signal lands mid-conversion.

@@ -6,7 +6,8 @@ are bit-identical; the 1e-5 budget of the issue is not needed by any path.
 
 The reference infers the channel layout from the first image of the batch (a first image of height 1, 3 or 4
 is read as channels-first, a first L/P image raises), so parity batches start with an RGB "anchor" sample that
-`reference_tiles` removes again; the position-dependence itself is tested separately.
+`reference_tiles` removes again; the position-dependence itself is tested separately. Grey (L) and palette (P)
+images are compared with the reference on their RGB conversion (`as_rgb`): that is what ours gives for them.
 """
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from mindone_idefics3.errors import Idefics3Error
 from mindone_idefics3.processing.image import (Idefics3ImageProcessor, cap_longest_edge, fit_longest_edge,
                                                tile_boxes, tile_multiple_size)
-from processor_fixtures import IMAGE_SIZES, make_image
+from processor_fixtures import IMAGE_SIZES, as_rgb, make_image
 
 CONFIG = dict(resample=1, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_image_splitting=True,
               size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364})
@@ -33,7 +34,7 @@ def ours_ip(**overrides):
 
 def reference_tiles(samples, **overrides):
     """The reference's (pixel_values, mask, rows, cols) for `samples`, computed behind an RGB anchor sample."""
-    out = reference_ip(**overrides)([[make_image(40, 30, seed=99)]] + samples, return_tensors="np",
+    out = reference_ip(**overrides)([[make_image(40, 30, seed=99)]] + list(samples), return_tensors="np",
                                     return_row_col_info=True)
     rows, cols = out["rows"][1:], out["cols"][1:]
     count = max(sum(r * c + 1 if r else 1 for r, c in zip(rs, cs)) for rs, cs in zip(rows, cols))
@@ -91,7 +92,7 @@ def test_tiles_cover_the_image_row_major():
 def test_pixels_match_reference_at_longest_edge_2x364(mode, split):
     samples = batch_of_all_sizes(mode)
     options = dict(size={"longest_edge": 2 * 364}, do_image_splitting=split)
-    assert_same(ours_ip(**options)(samples), reference_tiles(samples, **options))
+    assert_same(ours_ip(**options)(samples), reference_tiles(as_rgb(samples), **options))
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "nosplit"])
@@ -99,7 +100,7 @@ def test_pixels_match_reference_at_longest_edge_5x364(split):
     samples = [[make_image(1456, 1456, "RGB"), make_image(13, 977, "RGBA", seed=1)],
                [make_image(3000, 400, "P", seed=2), make_image(365, 364, "L", seed=3), make_image(1, 1, seed=4)]]
     options = dict(size={"longest_edge": 5 * 364}, do_image_splitting=split)
-    assert_same(ours_ip(**options)(samples), reference_tiles(samples, **options))
+    assert_same(ours_ip(**options)(samples), reference_tiles(as_rgb(samples), **options))
 
 
 @pytest.mark.slow
@@ -109,7 +110,7 @@ def test_pixels_match_reference_at_longest_edge_5x364(split):
 def test_pixels_match_reference_all_sizes_large_edges(mode, split, edge):
     samples = batch_of_all_sizes(mode)
     options = dict(size={"longest_edge": edge}, do_image_splitting=split)
-    assert_same(ours_ip(**options)(samples), reference_tiles(samples, **options))
+    assert_same(ours_ip(**options)(samples), reference_tiles(as_rgb(samples), **options))
 
 
 def test_call_options_override_the_config():
@@ -170,7 +171,21 @@ def test_first_one_channel_image_works_while_the_reference_raises(mode):
     image = make_image(300, 200, mode)
     with pytest.raises(ValueError):
         reference_ip()([[image]], return_tensors="np")
-    assert_same(ours_ip()([[image]]), reference_tiles([[image]]))
+    assert_same(ours_ip()([[image]]), reference_tiles([[image.convert("RGB")]]))
+
+
+@pytest.mark.parametrize("mode", ["L", "P"])
+@pytest.mark.parametrize("resample, split", [(1, True), (1, False), (3, True)], ids=["lanczos-split",
+                                                                                  "lanczos-nosplit", "bicubic-split"])
+def test_grey_and_palette_images_give_what_their_rgb_conversion_gives(mode, resample, split):
+    """Not the reference's NEAREST resize of one-channel images (aliased scans): its result on convert("RGB")."""
+    samples = [[make_image(600, 800, mode, seed=7), make_image(13, 977, mode, seed=8)], [make_image(365, 364, mode)]]
+    options = dict(resample=resample, do_image_splitting=split, size={"longest_edge": 2 * 364})
+    ours = ours_ip(**options)(samples)
+    rgb = [[image.convert("RGB") for image in sample] for sample in samples]
+    assert_same(ours, reference_tiles(rgb, **options))
+    nearest = reference_tiles(samples, **options)[0]  # what the reference does with the L/P images themselves
+    assert nearest.shape == ours.pixel_values.shape and np.abs(nearest - ours.pixel_values).max() > 0.1
 
 
 def test_cmyk_is_converted_to_rgb_first():
@@ -188,8 +203,8 @@ def test_sixteen_bit_is_scaled_to_eight_bits():
         reference_tiles([[image]])
     wide = np.asarray(image).astype(np.int64)
     eight = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
-    assert_same(ours_ip()([[image]]), reference_tiles([[eight]]))
-    assert_same(ours_ip()([[image.convert("I")]]), reference_tiles([[eight]]))
+    assert_same(ours_ip()([[image]]), reference_tiles([[eight.convert("RGB")]]))
+    assert_same(ours_ip()([[image.convert("I")]]), reference_tiles([[eight.convert("RGB")]]))
 
 
 def test_la_is_treated_as_rgba():
@@ -199,25 +214,27 @@ def test_la_is_treated_as_rgba():
     assert_same(ours_ip()([[image]]), reference_tiles([[image.convert("RGBA")]]))
 
 
-def test_bilevel_is_treated_as_l():
+def test_bilevel_is_treated_as_its_rgb_conversion():
     image = make_image(300, 200, "1")
-    assert_same(ours_ip()([[image]]), reference_tiles([[image.convert("L")]]))
+    assert_same(ours_ip()([[image]]), reference_tiles([[image.convert("RGB")]]))
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "nosplit"])
-def test_palette_transparency_is_white_where_the_reference_shows_the_palette_colour(split):
+def test_palette_transparency_is_treated_as_rgba_where_the_reference_shows_the_palette_colour(split):
     image = make_image(500, 300, "P+t")
     ours = ours_ip(do_image_splitting=split)([[image]])
-    ref_values, ref_mask, _, _ = reference_tiles([[image]], do_image_splitting=split)
-    # which output pixels are transparent: the same NEAREST resize applied to an L image flagging the index
-    flag = Image.fromarray((np.asarray(image) == image.info["transparency"]).astype(np.uint8) * 255)
-    flag_tiles = ours_ip(do_image_splitting=split)([[flag]]).pixel_values[0, :, 0] > 0
-    assert flag_tiles.any() and not flag_tiles.all()
-    np.testing.assert_array_equal(ours.pixel_attention_mask, ref_mask)
-    transparent = np.broadcast_to(flag_tiles[:, None], ours.pixel_values[0].shape)
-    assert (ours.pixel_values[0][transparent] == 1.0).all()  # white after normalization
-    assert (ref_values[0][transparent] != 1.0).any()  # the reference shows the palette colour
-    np.testing.assert_array_equal(ours.pixel_values[0][~transparent], ref_values[0][~transparent])
+    assert_same(ours, reference_tiles([[image.convert("RGBA")]], do_image_splitting=split))
+    # the reference given the P image drops the transparency (as convert("RGB") does): the palette colour shows
+    for dropped in (reference_tiles([[image]], do_image_splitting=split)[0],
+                    reference_tiles([[image.convert("RGB")]], do_image_splitting=split)[0]):
+        assert np.abs(dropped - ours.pixel_values).max() > 0.5
+
+
+def test_palette_with_an_alpha_palette_is_treated_as_rgba():
+    rgba = make_image(400, 300, "RGBA")
+    image = rgba.quantize(64, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    assert image.mode == "P" and image.palette.mode == "RGBA" and "transparency" not in image.info
+    assert_same(ours_ip()([[image]]), reference_tiles([[image.convert("RGBA")]]))
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -227,7 +244,7 @@ def test_palette_transparency_is_white_where_the_reference_shows_the_palette_col
     (dict(max_image_size=-3), "positive integer"),
     (dict(resample=9), "resampling filter"),
     (dict(image_std=[0.5, 0, 0.5]), "must not contain 0"),
-    (dict(image_mean=[0.5, 0.5]), "3 values"),
+    (dict(image_mean=[0.5, 0.5]), "image_mean must be 3 finite numbers"),
 ])
 def test_bad_config_values_raise_clear_errors(options, message):
     with pytest.raises(Idefics3Error, match=message):

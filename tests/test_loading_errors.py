@@ -48,7 +48,7 @@ def test_unknown_rope_type(ckpt_copy, ms_cpu):
     cfg = json.loads((ckpt_copy / "config.json").read_text())
     cfg["text_config"]["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
     (ckpt_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Idefics3Error, match="rope type 'yarn'"):
+    with pytest.raises(Idefics3Error, match="rope_scaling.rope_type 'yarn' is not supported"):
         Model.from_pretrained(ckpt_copy)
 
 

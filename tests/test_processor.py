@@ -12,8 +12,8 @@ import pytest
 from mindone_idefics3.errors import Idefics3Error
 from mindone_idefics3.processing import Idefics3Processor
 from mindone_idefics3.processing.prompt import expand_prompt, image_block, image_token_count
-from processor_fixtures import (CHAT_TEMPLATE, add_idefics3_tokens, bpe_tokenizer, llama_tokenizer_file, make_image,
-                                reference, write_checkpoint)
+from processor_fixtures import (CHAT_TEMPLATE, add_idefics3_tokens, as_rgb, bpe_tokenizer, llama_tokenizer_file,
+                                make_image, reference, write_checkpoint)
 
 KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
 
@@ -70,7 +70,7 @@ def test_batch_with_0_to_3_images_per_prompt_matches(checkpoint, split):
     options = dict(size={"longest_edge": 2 * 364}, do_image_splitting=split)
     ours, ref = Idefics3Processor.from_pretrained(checkpoint, **options), reference(checkpoint, **options)
     prompts, images = batch(ours, [2, 3, 0, 1])
-    expected = ref(text=prompts, images=images, padding=True, return_tensors="np")
+    expected = ref(text=prompts, images=as_rgb(images), padding=True, return_tensors="np")
     assert_same(ours(text=prompts, images=images, padding=True), expected)
     flat = [image for sample in images for image in sample]
     assert_same(ours(text=prompts, images=flat, padding=True), expected)
@@ -81,7 +81,7 @@ def test_call_options_longest_edge_5x364(pair):
     prompts, images = batch(ours, [1, 0, 2])
     kwargs = dict(padding=True, size={"longest_edge": 5 * 364})
     assert_same(ours(text=prompts, images=images, **kwargs),
-                ref(text=prompts, images=images, return_tensors="np", **kwargs))
+                ref(text=prompts, images=as_rgb(images), return_tensors="np", **kwargs))
 
 
 @pytest.mark.slow
@@ -93,7 +93,7 @@ def test_all_sizes_batch_matches(checkpoint, split, edge):
     prompts, images = batch(ours, [3, 1, 0, 3])
     kwargs = dict(padding=True, size={"longest_edge": edge})
     assert_same(ours(text=prompts, images=images, **kwargs),
-                ref(text=prompts, images=images, return_tensors="np", **kwargs))
+                ref(text=prompts, images=as_rgb(images), return_tensors="np", **kwargs))
 
 
 def test_per_call_do_image_splitting_is_honoured(checkpoint, pair):
@@ -101,20 +101,21 @@ def test_per_call_do_image_splitting_is_honoured(checkpoint, pair):
     ours applies it, giving what the reference gives when the option is set at load time."""
     ours, ref = pair
     prompts, images = batch(ours, [1])
-    ignored = ref(text=prompts, images=images, return_tensors="np", do_image_splitting=False)
-    assert_same(ignored, ref(text=prompts, images=images, return_tensors="np"))  # the reference still splits
+    ignored = ref(text=prompts, images=as_rgb(images), return_tensors="np", do_image_splitting=False)
+    assert_same(ignored, ref(text=prompts, images=as_rgb(images), return_tensors="np"))  # the reference splits
     loaded_without = reference(checkpoint, do_image_splitting=False)
     assert_same(ours(text=prompts, images=images, do_image_splitting=False),
-                loaded_without(text=prompts, images=images, return_tensors="np"))
+                loaded_without(text=prompts, images=as_rgb(images), return_tensors="np"))
 
 
 def test_single_prompt_text_only_and_images_only(pair):
     ours, ref = pair
     prompts, images = batch(ours, [2])
-    assert_same(ours(text=prompts[0], images=images[0]), ref(text=prompts[0], images=images[0], return_tensors="np"))
+    assert_same(ours(text=prompts[0], images=images[0]),
+                ref(text=prompts[0], images=as_rgb(images[0]), return_tensors="np"))
     assert_same(ours(text="no images here."), ref(text="no images here.", return_tensors="np"))
     only = ours(images=images[0])
-    expected = ref(images=images[0], return_tensors="np")
+    expected = ref(images=as_rgb(images[0]), return_tensors="np")
     assert_same(only, expected)
     assert (only["rows"], only["cols"]) == (expected["rows"].tolist(), expected["cols"].tolist())
 
@@ -122,7 +123,7 @@ def test_single_prompt_text_only_and_images_only(pair):
 def test_decode_and_token_attributes(pair):
     ours, ref = pair
     prompts, images = batch(ours, [1, 0])
-    ids = ref(text=prompts, images=images, padding=True, return_tensors="np")["input_ids"]
+    ids = ref(text=prompts, images=as_rgb(images), padding=True, return_tensors="np")["input_ids"]
     for skip in (True, False):
         assert ours.batch_decode(ids, skip_special_tokens=skip) == ref.batch_decode(ids, skip_special_tokens=skip)
         assert ours.decode(ids[1], skip_special_tokens=skip) == ref.decode(ids[1], skip_special_tokens=skip)
@@ -157,7 +158,7 @@ def test_checkpoint_without_global_img_token(tmp_path):
     assert tok.token_to_id("<global-img>") is None
     prompts, images = batch(ours, [1, 2])
     out = ours(text=prompts, images=images, padding=True)
-    assert_same(out, ref(text=prompts, images=images, padding=True, return_tensors="np"))
+    assert_same(out, ref(text=prompts, images=as_rgb(images), padding=True, return_tensors="np"))
     assert "<global-img>" in ours.decode(out["input_ids"][0])
 
 
@@ -169,7 +170,7 @@ def test_padding_side(tmp_path, config, call):
     path = write_checkpoint(tmp_path, tok, tokenizer_config=config)
     ours, ref = Idefics3Processor.from_pretrained(path), reference(path)
     prompts, images = batch(ours, [1, 0])
-    expected = ref(text=prompts, images=images, padding=True, return_tensors="np", **call)
+    expected = ref(text=prompts, images=as_rgb(images), padding=True, return_tensors="np", **call)
     assert_same(ours(text=prompts, images=images, padding=True, **call), expected)
 
 
@@ -190,7 +191,7 @@ def test_real_llama3_tokenizer_batch(tmp_path):
     ours, ref = Idefics3Processor.from_pretrained(path), reference(path)
     prompts, images = batch(ours, [2, 0, 1])
     out = ours(text=prompts, images=images, padding=True)
-    assert_same(out, ref(text=prompts, images=images, padding=True, return_tensors="np"))
+    assert_same(out, ref(text=prompts, images=as_rgb(images), padding=True, return_tensors="np"))
     assert ours.image_token_id == tok.token_to_id("<image>") > 128000
     assert 271 in out["input_ids"][0]  # "\n\n" (after the last tile row) is one Llama 3 token
 
@@ -230,7 +231,7 @@ def test_image_seq_len_from_processor_config_model_config_or_call(tokenizer_dir_
     assert reference(derived).image_seq_len == 169
     ref = reference(derived, image_seq_len=64)
     prompts, images = batch(ours, [1])
-    assert_same(ours(text=prompts, images=images), ref(text=prompts, images=images, return_tensors="np"))
+    assert_same(ours(text=prompts, images=images), ref(text=prompts, images=as_rgb(images), return_tensors="np"))
     short = ours(text=prompts, images=images, image_seq_len=9)
     assert (short["input_ids"] == ours.image_token_id).sum() == 9 * images_tiles(short)
 

@@ -62,20 +62,30 @@ def compile_template(source: str):
 
 
 def normalize_conversation(conversation: Conversation) -> List[Dict[str, Any]]:
-    """Validate the message format; string content becomes one text item."""
+    """Validate the message format (one Idefics3Error naming the message and the key at fault); string content
+    becomes one text item."""
     if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise Idefics3Error("a conversation is a non-empty list of messages like {'role': 'user', 'content': "
-                            "[{'type': 'image'}, {'type': 'text', 'text': '...'}]}")
+        raise Idefics3Error(f"a conversation is a non-empty list of messages like {{'role': 'user', 'content': "
+                            f"[{{'type': 'image'}}, {{'type': 'text', 'text': '...'}}]}}, got {conversation!r:.80}")
     messages = []
     for i, message in enumerate(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise Idefics3Error(f"message {i} must be a dict with 'role' and 'content', got {message!r:.80}")
+        if not isinstance(message["role"], str):
+            raise Idefics3Error(f"message {i} role must be a string such as 'user', got {message['role']!r:.80}")
         content = message["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         elif not isinstance(content, (list, tuple)) or not all(isinstance(c, dict) and "type" in c for c in content):
             raise Idefics3Error(f"message {i} content must be a string or a list of items like {{'type': 'text', "
                                 f"'text': '...'}} / {{'type': 'image'}}, got {content!r:.80}")
+        for j, item in enumerate(content):
+            if item["type"] not in ("text", "image"):
+                raise Idefics3Error(f"message {i} item {j} has type {item['type']!r:.40}; Idefics3 takes 'text' "
+                                    "and 'image' items")
+            if item["type"] == "text" and not isinstance(item.get("text"), str):
+                raise Idefics3Error(f"message {i} item {j} (type 'text') needs a string 'text', got "
+                                    f"{item.get('text')!r:.80}")
         messages.append({**message, "content": list(content)})
     return messages
 

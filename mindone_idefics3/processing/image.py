@@ -15,12 +15,15 @@ the same order (resize in the image's own mode, convert to RGB afterwards), the 
 and rescale + normalize as a per-channel 256-entry lookup table computed with the reference's float32 ops.
 Where the reference is position-dependent or breaks, we do what it does for a well-behaved image instead:
 
-- 1-channel images (L, and P palette indices) are resized with NEAREST, as the reference does (it turns 1-channel
-  arrays into "P" images, which Pillow only resamples with NEAREST).
+- L and P images give exactly what their `image.convert("RGB")` gives. The reference resizes them with NEAREST
+  (it turns 1-channel arrays into "P" images, which Pillow resamples only that way), so a scan comes out aliased.
+  L is resized as L with the configured filter: Pillow filters every channel alike, so this is bit-identical to
+  resizing the RGB image, with a third of the work.
 - The reference infers the channel layout from the *first* image of a batch: a first image of height 1, 3 or 4
   is read as channels-first (wrong tiles), and a first L/P image raises. Ours does not depend on position.
-- P images with transparency: the reference drops the transparency (palette colours show); ours composites
-  transparent pixels on white, like RGBA. LA/PA/La/RGBa are treated as RGBA (the reference raises on LA).
+- P images with transparency are treated as their `image.convert("RGBA")`: transparent pixels are composited on
+  white (the reference drops the transparency, palette colours show). LA/PA/La/RGBa are treated as RGBA (the
+  reference raises on LA).
 - CMYK, YCbCr, LAB, HSV are converted with Pillow to RGB first (the reference reads CMYK as RGBA); 16-bit
   (I;16*, I) is scaled to 8 bits by 255/65535 with rounding (the reference raises on values above 255); "1" is
   read as L with 0/255; F is clipped to 0..255 by Pillow.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -40,8 +44,8 @@ from PIL import Image
 from ..errors import Idefics3Error
 from .image_io import ensure_decoded
 
-MAX_IMAGE_SIZE = 4096  # the reference caps the resized longest edge at 4k
-ONE_CHANNEL_MODES = ("L", "P")
+MAX_IMAGE_SIZE = 4096  # the reference caps the resized longest edge at 4k (and so a tile can be no larger)
+MAX_EDGE = 2**31 - 1  # a `size` above MAX_IMAGE_SIZE acts as that cap; this one keeps the arithmetic in floats
 RGBA_MODES = ("LA", "La", "PA", "RGBa")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -76,33 +80,45 @@ class ImageProcessorConfig:
         return cfg
 
     def validate(self) -> None:
+        for name in ("do_resize", "do_image_splitting", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise Idefics3Error(f"{name} must be true or false, got {getattr(self, name)!r:.80}")
         self.size = edge_dict(self.size, "size")
-        self.max_image_size = edge_dict(self.max_image_size, "max_image_size")
-        try:
-            Image.Resampling(self.resample)
-        except ValueError:
-            raise Idefics3Error(f"resample={self.resample!r} is not a PIL resampling filter (0-5; 1 is LANCZOS, "
-                                "Idefics3's)") from None
+        self.max_image_size = edge_dict(self.max_image_size, "max_image_size", most=MAX_IMAGE_SIZE)
+        if isinstance(self.resample, bool) or not isinstance(self.resample, (int, np.integer)) or \
+                self.resample not in range(6):
+            raise Idefics3Error(f"resample={self.resample!r:.80} is not a PIL resampling filter (0-5; 1 is LANCZOS, "
+                                "Idefics3's)")
+        self.resample = int(self.resample)
+        if not _is_number(self.rescale_factor) or not 0 < self.rescale_factor < math.inf:
+            raise Idefics3Error(f"rescale_factor must be a positive number (1/255 for 8-bit images), got "
+                                f"{self.rescale_factor!r:.80}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            value = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
-            if len(value) != 3:
-                raise Idefics3Error(f"{name} must have 3 values (R, G, B), got {getattr(self, name)!r}")
-            setattr(self, name, tuple(value))
+            value = [value] * 3 if _is_number(value) else value
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or \
+                    not all(_is_number(v) and math.isfinite(v) for v in value):
+                raise Idefics3Error(f"{name} must be 3 finite numbers (R, G, B), got {getattr(self, name)!r:.80}")
+            setattr(self, name, tuple(float(v) for v in value))
         if any(s == 0 for s in self.image_std):
             raise Idefics3Error(f"image_std must not contain 0, got {self.image_std}")
 
 
-def edge_dict(value, name: str) -> Dict[str, int]:
-    """{"longest_edge": N} from that dict or a bare positive int N."""
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def edge_dict(value, name: str, most: int = MAX_EDGE) -> Dict[str, int]:
+    """{"longest_edge": N} from that dict or a bare positive int N (at most `most`)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = {"longest_edge": int(value)}
     if not isinstance(value, dict) or "longest_edge" not in value:
         raise Idefics3Error(f"{name} must be {{'longest_edge': N}} (Idefics3 resizes by the longest edge), "
-                            f"got {value!r}")
+                            f"got {value!r:.80}")
     edge = value["longest_edge"]
-    if isinstance(edge, bool) or not isinstance(edge, (int, np.integer)) or edge < 1:
-        raise Idefics3Error(f"{name}['longest_edge'] must be a positive integer number of pixels, got {edge!r}")
+    if isinstance(edge, bool) or not isinstance(edge, (int, np.integer)) or not 1 <= edge <= most:
+        raise Idefics3Error(f"{name}['longest_edge'] must be a positive integer number of pixels, at most {most}, "
+                            f"got {edge!r:.80}")
     return {"longest_edge": int(edge)}
 
 
@@ -158,12 +174,14 @@ def tile_boxes(height: int, width: int, tile: int) -> Tuple[List[Tuple[int, int,
 
 # --------------------------------------------------------------------------------------------- modes
 def working_image(image: Image.Image) -> Image.Image:
-    """The image in one of the modes the pipeline resizes in: RGB, RGBA, L or P."""
+    """The image in one of the modes the pipeline resizes in: RGB, RGBA or L (grey, equal to its RGB image)."""
     mode = image.mode
-    if mode in ("RGB", "RGBA", "L", "P"):
+    if mode in ("RGB", "RGBA", "L"):
         return image
-    if mode in RGBA_MODES:
+    if mode in RGBA_MODES or (mode == "P" and _palette_has_alpha(image)):
         return image.convert("RGBA")
+    if mode == "P":
+        return image.convert("RGB")
     if mode == "1":
         return image.convert("L")
     if mode in SIXTEEN_BIT_MODES:
@@ -174,18 +192,15 @@ def working_image(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX, ...
 
 
-def has_alpha(image: Image.Image) -> bool:
-    if image.mode == "RGBA":
-        return True
-    return image.mode == "P" and ("transparency" in image.info or image.palette.mode == "RGBA")
+def _palette_has_alpha(image: Image.Image) -> bool:
+    return "transparency" in image.info or image.palette.mode == "RGBA"
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8; transparent pixels composited on white (as the reference's convert_to_rgb)."""
-    if has_alpha(image):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
+    """An RGB, RGBA or L image as (H, W, 3) uint8; RGBA composited on white (as the reference's convert_to_rgb)."""
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
     return np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
 
 
@@ -228,7 +243,7 @@ class Idefics3ImageProcessor:
         """One image → its frames as (h, w, 3) uint8 arrays (tiles row-major, then the global view), rows, cols."""
         cfg = self.config
         image = working_image(ensure_decoded(image, "an input image"))
-        resample = Image.Resampling.NEAREST if image.mode in ONE_CHANNEL_MODES else Image.Resampling(cfg.resample)
+        resample = Image.Resampling(cfg.resample)
         tile = max_image_size["longest_edge"]
 
         def resized(img: Image.Image, height: int, width: int) -> Image.Image:
@@ -251,11 +266,7 @@ class Idefics3ImageProcessor:
     def __call__(self, images: Sequence[Sequence[Image.Image]], *, size=None, max_image_size=None,
                  do_image_splitting: Optional[bool] = None) -> ImageBatch:
         """images: one list of PIL images per sample (lists may be empty). Keyword options override the config."""
-        cfg = self.config
-        size = edge_dict(size, "size") if size is not None else cfg.size
-        max_image_size = edge_dict(max_image_size, "max_image_size") if max_image_size is not None \
-            else cfg.max_image_size
-        splitting = cfg.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
+        size, max_image_size, splitting = self.call_options(size, max_image_size, do_image_splitting)
 
         frames, rows, cols = [], [], []
         for sample in images:
@@ -270,6 +281,17 @@ class Idefics3ImageProcessor:
             cols.append(sample_cols)
         pixel_values, pixel_mask = self.pad_and_normalize(frames)
         return ImageBatch(pixel_values, pixel_mask, rows, cols)
+
+    def call_options(self, size=None, max_image_size=None, do_image_splitting: Optional[bool] = None
+                     ) -> Tuple[Dict[str, int], Dict[str, int], bool]:
+        """Per-call options checked (one Idefics3Error naming the wrong one), the config's where not given."""
+        cfg = self.config
+        if do_image_splitting is not None and not isinstance(do_image_splitting, bool):
+            raise Idefics3Error(f"do_image_splitting must be True, False or None, got {do_image_splitting!r:.80}")
+        return (cfg.size if size is None else edge_dict(size, "size"),
+                cfg.max_image_size if max_image_size is None else edge_dict(max_image_size, "max_image_size",
+                                                                            most=MAX_IMAGE_SIZE),
+                cfg.do_image_splitting if do_image_splitting is None else do_image_splitting)
 
     def pad_and_normalize(self, frames: List[List[np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
         """Per-sample lists of (h, w, 3) uint8 frames → (B, I, 3, H, W) float32 and (B, I, H, W) int64."""

@@ -25,6 +25,12 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 
 URL_TIMEOUT_SECONDS = 10.0
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024  # far above any real photo; stops a runaway download
+# Decompression bombs below Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS): a file may declare more pixels than
+# FREE_PIXELS only if it has a byte per MAX_PIXELS_PER_BYTE of them. Real pictures stay far below (a blank A4 page
+# at 600 dpi: ~2,000 pixels per byte as a 1-bit PNG, ~11,600 as G4 TIFF; photos: 10-200); a 280-byte JPEG that
+# declares 8947x8947 pixels would otherwise be decoded (grey fill) into 80 MB.
+FREE_PIXELS = 2048 * 2048
+MAX_PIXELS_PER_BYTE = 20_000
 
 
 def load_image(source: ImageSource, timeout: float = URL_TIMEOUT_SECONDS) -> Image.Image:
@@ -101,7 +107,18 @@ def _decode(data: bytes, where: str) -> Image.Image:
         raise Idefics3Error(f"{where} is not an image file Pillow can read (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Idefics3Error(f"{where} is corrupt and cannot be decoded ({e}); re-export or re-download it") from None
+    _refuse_bomb(image, len(data), where)
     return _oriented(ensure_decoded(image, where), where)
+
+
+def _refuse_bomb(image: Image.Image, nbytes: int, where: str) -> None:
+    """Refuse, before decoding, a file that declares far more pixels than its bytes can hold (see FREE_PIXELS)."""
+    width, height = image.size
+    if width * height > max(FREE_PIXELS, MAX_PIXELS_PER_BYTE * nbytes):
+        raise Idefics3Error(f"{where} declares {width}x{height} pixels in only {nbytes} bytes (more than "
+                            f"{MAX_PIXELS_PER_BYTE} pixels per byte): refused as a decompression bomb; if the image "
+                            "is genuine, re-save it in a common format or raise "
+                            "mindone_idefics3.processing.image_io.MAX_PIXELS_PER_BYTE")
 
 
 def ensure_decoded(image: Image.Image, where: str) -> Image.Image:

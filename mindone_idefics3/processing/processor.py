@@ -18,7 +18,8 @@ from ..hub import PROCESSOR_FILES, resolve_model_dir
 from .image import Idefics3ImageProcessor, ImageProcessorConfig
 from .image_io import load_image
 from .prompt import ImageTokens, expand_prompt, group_images
-from .tokenizer import TextTokenizer, read_json
+from ..json_file import read_json
+from .tokenizer import TextTokenizer
 
 DEFAULT_IMAGE_SEQ_LEN = 169  # transformers' default: Idefics3-8B (364 / 14 patches, scale factor 2)
 PROCESSOR_OPTIONS = ("image_seq_len", "chat_template")
@@ -47,11 +48,9 @@ class Idefics3Processor:
 
     def __init__(self, image_processor: Idefics3ImageProcessor, tokenizer: TextTokenizer,
                  image_seq_len: int = DEFAULT_IMAGE_SEQ_LEN, chat_template: Union[str, Dict[str, str], None] = None):
-        if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len < 1:
-            raise Idefics3Error(f"image_seq_len must be a positive integer (tokens per tile), got {image_seq_len!r}")
         self.image_processor = image_processor
         self.tokenizer = tokenizer
-        self.image_seq_len = image_seq_len
+        self.image_seq_len = _image_seq_len(image_seq_len)
         self.chat_template = chat_template
         # as transformers: these three are always special tokens (added if the vocabulary lacks them)
         tokenizer.add_special_tokens([self.fake_image_token, self.image_token, self.end_of_utterance_token])
@@ -120,15 +119,17 @@ class Idefics3Processor:
         """
         if text is None and images is None:
             raise Idefics3Error("pass text=..., images=..., or both")
-        if return_tensors not in ("np", "ms", None):
-            raise Idefics3Error(f"return_tensors must be 'np', 'ms' or None, got {return_tensors!r}")
-        seq_len = self.image_seq_len if image_seq_len is None else image_seq_len
+        if isinstance(return_tensors, (list, dict, set)) or return_tensors not in ("np", "ms", None):
+            raise Idefics3Error(f"return_tensors must be 'np', 'ms' or None, got {return_tensors!r:.80}")
+        seq_len = self.image_seq_len if image_seq_len is None else _image_seq_len(image_seq_len)
         prompts = None
         if text is not None:
-            prompts = [text] if isinstance(text, str) else list(text)
+            prompts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
             if not prompts or not all(isinstance(p, str) for p in prompts):
-                raise Idefics3Error("text must be a string or a non-empty list of strings")
-        batch = self._image_batch(prompts, images, size, max_image_size, do_image_splitting)
+                raise Idefics3Error(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
+            self.tokenizer.check_padding(padding, padding_side, max_length, pad_to_multiple_of)
+        image_options = self.image_processor.call_options(size, max_image_size, do_image_splitting)
+        batch = self._image_batch(prompts, images, *image_options)
 
         out = ProcessorOutput()
         if batch is not None:
@@ -208,6 +209,12 @@ def _processor_chat_template(directory: Path, processor_config: dict):
     if raw.is_file():
         return raw.read_text(encoding="utf-8")
     return processor_config.get("chat_template")
+
+
+def _image_seq_len(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise Idefics3Error(f"image_seq_len must be a positive integer (tokens per tile), got {value!r:.80}")
+    return value
 
 
 def _image_seq_len_from_model_config(directory: Path) -> Optional[int]:

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import Idefics3Error
+from ..json_file import read_json
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
@@ -46,17 +47,6 @@ def _content(token) -> Optional[str]:
     if isinstance(token, dict):
         return token.get("content")
     return token
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from a checkpoint file, or one Idefics3Error saying what is wrong with it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Idefics3Error(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise Idefics3Error(f"{path} must hold a JSON object")
-    return data
 
 
 class TextTokenizer:
@@ -103,7 +93,7 @@ class TextTokenizer:
         config_file = directory / "tokenizer_config.json"
         config = read_json(config_file) if config_file.is_file() else {}
         config.update(overrides)
-        spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        spec = read_json(tokenizer_file)
         pre = spec.get("pre_tokenizer") or {}
         if "add_prefix_space" in config and "add_prefix_space" in pre:
             pre["add_prefix_space"] = bool(config["add_prefix_space"])
@@ -257,6 +247,8 @@ class TextTokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> List[List[int]]:
+        if not isinstance(add_special_tokens, bool):
+            raise Idefics3Error(f"add_special_tokens must be True or False, got {add_special_tokens!r:.80}")
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def __call__(self, text: Union[str, Sequence[str]], *, add_special_tokens: bool = True, padding=False,
@@ -273,25 +265,20 @@ class TextTokenizer:
             max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None
             ) -> Tuple[np.ndarray, np.ndarray]:
         """Rows of ids → (B, S) int64 ids and mask. padding: False/"do_not_pad", True/"longest", "max_length"."""
+        self.check_padding(padding, padding_side, max_length, pad_to_multiple_of)
         if padding in (True, "longest"):
             length = max(map(len, ids))
         elif padding == "max_length":
-            if max_length is None:
-                raise Idefics3Error("padding='max_length' needs max_length=N")
             length = max(max_length, max(map(len, ids)))
-        elif padding in (False, None, "do_not_pad"):
+        else:
             lengths = sorted(set(map(len, ids)))
             if len(lengths) > 1:
                 raise Idefics3Error(f"the prompts have different lengths ({lengths[0]} to {lengths[-1]} tokens) and "
                                     "cannot form one array; pass padding=True")
             length = lengths[0]
-        else:
-            raise Idefics3Error(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
         if pad_to_multiple_of and padding not in (False, None, "do_not_pad"):
             length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
         side = padding_side or self.padding_side
-        if side not in ("left", "right"):
-            raise Idefics3Error(f"padding_side must be 'left' or 'right', got {side!r}")
         pad_id = self.pad_token_id
         if pad_id is None and any(len(row) < length for row in ids):
             raise Idefics3Error("padding needs a pad token and the tokenizer has none; add \"pad_token\" to "
@@ -303,6 +290,20 @@ class TextTokenizer:
             input_ids[b, where] = row
             mask[b, where] = 1
         return input_ids, mask
+
+    def check_padding(self, padding, padding_side: Optional[str], max_length: Optional[int],
+                      pad_to_multiple_of: Optional[int]) -> None:
+        """The options of `pad`, checked before any work: one Idefics3Error naming the option that is wrong."""
+        if isinstance(padding, (list, dict, set)) or padding not in (True, False, None, "longest", "max_length",
+                                                                     "do_not_pad"):
+            raise Idefics3Error(f"padding must be True, False, 'longest' or 'max_length', got {padding!r:.80}")
+        if padding == "max_length" and max_length is None:
+            raise Idefics3Error("padding='max_length' needs max_length=N")
+        for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise Idefics3Error(f"{name} must be a positive integer, got {value!r:.80}")
+        if (padding_side or self.padding_side) not in ("left", "right"):
+            raise Idefics3Error(f"padding_side must be 'left' or 'right', got {padding_side!r:.80}")
 
     # ------------------------------------------------------------------------------------------- decoding
     def decode(self, ids: Union[int, TokenIds], skip_special_tokens: bool = False,
