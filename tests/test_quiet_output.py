@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -26,6 +29,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_generate_with_changing_shapes_prints_no_mindspore_warning(ckpt_a, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "GLOG_v"}  # MindSpore's default log level, as a user has
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout's package
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     r = subprocess.run([sys.executable, str(script), str(ckpt_a.path), os.path.dirname(__file__)],
