@@ -135,8 +135,8 @@ def _answer(args: argparse.Namespace) -> int:
         from .model.idefics3 import VISION_CHUNK_TILES
 
         signature = request_signature(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                                      args.max_new_tokens, not sampling and args.repetition_penalty == 1,
-                                      VISION_CHUNK_TILES[device])
+                                      inputs.get("pixel_attention_mask"), args.max_new_tokens,
+                                      not sampling and args.repetition_penalty == 1, VISION_CHUNK_TILES[device])
         cache_dir = enable(args.compile_cache or DEFAULT_DIR, model_dir, dtype_name(dtype), device, signature)
     stats = GenerationStats()
     pieces = []

@@ -36,19 +36,24 @@ def _package_digest() -> str:
 
 
 def request_signature(input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: Optional[np.ndarray],
-                      max_new_tokens: int, greedy: bool, vision_chunk: int) -> dict:
-    """What decides the graphs one compiled generate() call makes, in order: the tile size and the vision chunk
-    sizes (first appearance of each), the prompt bucket, whether a prompt is padded, the cache length, greedy or
-    sampled steps. Prompts of one bucket share it (not just equal lengths)."""
+                      pixel_attention_mask: Optional[np.ndarray], max_new_tokens: int, greedy: bool,
+                      vision_chunk: int) -> dict:
+    """What decides the graphs one compiled generate() call makes, in order: the vision chunks' shapes and
+    whether their tiles have padded patches (first appearance of each), the prompt bucket, whether a prompt is
+    padded, the cache length, greedy or sampled steps. Prompts of one bucket share it (not just equal lengths)."""
     from .generation import cache_length, prompt_slots
 
     batch, length = input_ids.shape
     vision = []
     if pixel_values is not None:
         tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
-        n = int((~np.all(tiles == 0, axis=(1, 2, 3))).sum())  # padding images are dropped before the tower
-        vision = [list(tiles.shape[1:])] + sorted({min(vision_chunk, n - start) for start in range(0, n, vision_chunk)},
-                                                  reverse=True)
+        real = ~np.all(tiles == 0, axis=(1, 2, 3))  # padding images are dropped, as prepare_vision_inputs does
+        masks = np.asarray(pixel_attention_mask).reshape(len(tiles), -1)[real]
+        for start in range(0, len(masks), vision_chunk):
+            chunk = (len(masks[start:start + vision_chunk]), bool(masks[start:start + vision_chunk].all()))
+            if chunk not in vision:
+                vision.append(chunk)
+        vision = [list(tiles.shape[1:])] + vision
     return dict(batch=batch, prompt_slots=prompt_slots(length, True), padded=bool(not attention_mask.all()),
                 cache_length=cache_length(length, max_new_tokens, True), greedy=greedy, vision=vision)
 

@@ -118,10 +118,10 @@ class Idefics3Model(nn.Cell):
         features = []
         for start in range(0, len(vision.pixel_values), chunk):
             part = slice(start, start + chunk)
-            # Always a patch mask, also for full tiles: one graph for every tile (each compiled graph keeps its
-            # own working memory, ~300 MB for a SmolVLM tile on the CPU), for one broadcast add per layer.
-            x = self.vision_model.encode(Tensor(vision.pixel_values[part], dtype), Tensor(vision.patch_keep[part]),
-                                         Tensor(vision.position_ids[part]), run_layer)
+            keep = vision.patch_keep[part]
+            x = self.vision_model.encode(Tensor(vision.pixel_values[part], dtype),
+                                         None if keep.all() else Tensor(keep), Tensor(vision.position_ids[part]),
+                                         run_layer)
             features.append(self.connector(x))
         return features[0] if len(features) == 1 else ops.cat(features, axis=0)
 
