@@ -54,7 +54,10 @@ def select_device(name: Optional[str] = None) -> str:
         raise Idefics3Error(f"this process already runs on {_chosen}; MindSpore cannot switch to {canonical} "
                             "afterwards: start a new process")
     if _chosen is None:
-        ms.set_device(canonical)
+        if canonical == "Ascend" and os.environ.get("DEVICE_ID", "").isdigit():
+            ms.set_device(canonical, int(os.environ["DEVICE_ID"]))  # msrun sets DEVICE_ID = the local rank
+        else:
+            ms.set_device(canonical)
         if canonical == "CPU":
             ms.device_context.cpu.op_tuning.threads_num(cpu_threads())
         _chosen = canonical
