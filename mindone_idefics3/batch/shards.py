@@ -1,0 +1,98 @@
+"""Data parallel runs under msrun, and the one output file they make.
+
+msrun starts N workers and tells each its rank (RANK_ID) and N (RANK_SIZE); run alone, a process is rank 0 of 1.
+Rank r runs the input rows with index % N == r and appends their records to its own part file,
+`<output>.parts/rank-<r>.jsonl`. No communication op is used (MindSpore's `communication.init()` alone takes
+~20 s per CPU worker here, and a collective would time out while ranks with more work are still running): rank 0,
+once its own rows are done, waits until the part files hold a record for every input row — that completeness is
+the barrier — then writes `<output>` in input order (atomically) and removes the parts. A row's record is final
+once written, so a rerun (with any N) reads `<output>` and every part file and runs only the rows without one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from ..errors import Idefics3Error
+from .records import Record, read_records, write_atomically
+from .rows import InputRow, id_key
+
+WAIT_REPORT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+
+    def owns(self, row: InputRow) -> bool:
+        return row.index % self.size == self.rank
+
+
+def current_world() -> World:
+    """This process's rank and the number of ranks: msrun's RANK_ID / RANK_SIZE, else rank 0 of 1."""
+    rank, size = os.environ.get("RANK_ID", "0"), os.environ.get("RANK_SIZE", "1")
+    if not (rank.isdigit() and size.isdigit()) or not int(rank) < int(size):
+        raise Idefics3Error(f"RANK_ID={rank!r} / RANK_SIZE={size!r} are not a rank and a rank count; launch with "
+                            "msrun (which sets them) or unset them")
+    return World(int(rank), int(size))
+
+
+def share_cpu_threads(world: World) -> None:
+    """Ranks on one CPU host split its cores instead of each taking all of them (unless MINDONE_CPU_THREADS
+    says otherwise)."""
+    if world.size > 1 and "MINDONE_CPU_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["MINDONE_CPU_THREADS"] = str(max(1, cores // world.size))
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    final: Path
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.final.with_name(self.final.name + ".parts")
+
+    def part(self, rank: int) -> Path:
+        return self.parts_dir / f"rank-{rank}.jsonl"
+
+    def collect(self) -> Dict[str, Record]:
+        """Every record written so far (the final file, then the part files), by id key."""
+        records = {}
+        parts = sorted(self.parts_dir.glob("rank-*.jsonl")) if self.parts_dir.is_dir() else []
+        for path in [self.final, *parts]:
+            for record in read_records(path):
+                records[id_key(record["id"])] = record
+        return records
+
+
+def missing(rows: Sequence[InputRow], records: Dict[str, Record]) -> List[InputRow]:
+    return [row for row in rows if row.key not in records]
+
+
+def wait_for_all_rows(files: OutputFiles, rows: Sequence[InputRow], world: World,
+                      poll_seconds: float = 2.0) -> Dict[str, Record]:
+    """Rank 0: the records of every row, once the other ranks have written them."""
+    last_report = time.monotonic()
+    while True:
+        records = files.collect()
+        left = missing(rows, records)
+        if not left:
+            return records
+        if time.monotonic() - last_report >= WAIT_REPORT_SECONDS:
+            ranks = sorted({row.index % world.size for row in left})
+            print(f"waiting for the other ranks: {len(left)} rows left (ranks {ranks})", file=sys.stderr, flush=True)
+            last_report = time.monotonic()
+        time.sleep(poll_seconds)
+
+
+def merge(files: OutputFiles, rows: Sequence[InputRow], records: Dict[str, Record]) -> None:
+    """Write the final file (one record per input row, in input order) atomically, then drop the part files."""
+    write_atomically(files.final, (records[row.key] for row in rows))
+    shutil.rmtree(files.parts_dir, ignore_errors=True)
