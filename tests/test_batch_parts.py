@@ -152,3 +152,29 @@ def test_ranks_come_from_msrun_and_share_the_cpu(monkeypatch):
     monkeypatch.setenv("RANK_ID", "3")
     with pytest.raises(Idefics3Error, match="RANK_ID='3' / RANK_SIZE='3'"):
         current_world()
+
+
+def test_rank_zero_stops_waiting_for_a_rank_that_died(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from mindone_idefics3.batch.shards import RankDied, dead_ranks, wait_for_all_rows
+
+    files = OutputFiles(tmp_path / "out.jsonl")
+    files.parts_dir.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    def pid_file(rank, pid, ppid):
+        (files.parts_dir / f"rank-{rank}.pid").write_text(
+            json.dumps({"pid": pid, "ppid": ppid, "host": socket.gethostname()}))
+
+    pid_file(1, gone.pid, os.getppid())  # same launch, exited
+    pid_file(2, os.getpid(), os.getppid())  # same launch, running
+    pid_file(3, gone.pid, os.getppid() + 1)  # a pid file left by an earlier launch: not this run's rank
+    assert dead_ranks(files, [1, 2, 3, 4]) == [1]
+    rows = [InputRow(i, i + 1, i, []) for i in range(4)]
+    write_jsonl(files.part(0), [{"id": 0, "answer": "a"}])
+    with pytest.raises(RankDied, match=r"rank\(s\) \[1\] ended before writing their records"):
+        wait_for_all_rows(files, rows, World(0, 4), poll_seconds=0.01)

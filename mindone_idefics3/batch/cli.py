@@ -30,7 +30,8 @@ data parallel: msrun --worker_num N --local_worker_num N batch.py ... (rank r ru
   the CPU each rank gets cores / N threads unless MINDONE_CPU_THREADS is set; rank 0 writes <output>).
 greedy answers do not depend on the batch size or on which rows share a batch; sampled ones do.
 exit codes: 0 every row has a record; 2 a mistake in the arguments or the input file (one line on stderr);
-  130 interrupted (the records written so far are kept)."""
+  1 (rank 0 under msrun) another rank died before writing its records; 130 interrupted. In every case the
+  records written so far are kept and rerunning the same command finishes the rest."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +58,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING lines would drown the progress bar
     from ..errors import Idefics3Error
+    from .shards import RankDied
 
     try:
         return run(args)
     except Idefics3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RankDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the records written so far are kept; rerun the same command to finish", file=sys.stderr)
         return 130
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Idefics3Error
     from .progress import Progress
     from .rows import read_rows
-    from .shards import OutputFiles, current_world, merge, missing, share_cpu_threads, wait_for_all_rows
+    from .shards import OutputFiles, announce, current_world, merge, missing, share_cpu_threads, wait_for_all_rows
 
     check_max_new_tokens(args)
     if args.batch_size < 1:
@@ -95,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                         else "rows")
     try:
         if mine:
+            announce(files, world)
             answer_rows(mine, args, files.part(world.rank), progress)
     finally:
         progress.close()

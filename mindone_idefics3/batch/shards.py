@@ -7,11 +7,18 @@ Rank r runs the input rows with index % N == r and appends their records to its 
 once its own rows are done, waits until the part files hold a record for every input row — that completeness is
 the barrier — then writes `<output>` in input order (atomically) and removes the parts. A row's record is final
 once written, so a rerun (with any N) reads `<output>` and every part file and runs only the rows without one.
+
+msrun does not stop the other workers when one dies (checked with MindSpore 2.10), so rank 0 must not wait for a
+dead rank forever: each rank with rows to run leaves `rank-<r>.pid` (pid, parent pid, host) in the parts folder,
+and rank 0 gives up when a rank of the same launch (same host and parent, i.e. the same msrun) is gone while its
+rows still lack records. A rank on another host cannot be watched this way: rank 0 then simply waits.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -72,6 +79,46 @@ class OutputFiles:
         return records
 
 
+class RankDied(Exception):
+    """Another rank ended before writing its records: the run cannot finish, a rerun can."""
+
+
+def announce(files: OutputFiles, world: World) -> None:
+    """Leave this rank's pid where rank 0 can check that it is still running (see the module docstring)."""
+    if world.size > 1:
+        files.parts_dir.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "ppid": os.getppid(), "host": socket.gethostname()}
+        (files.parts_dir / f"rank-{world.rank}.pid").write_text(json.dumps(me))
+
+
+def dead_ranks(files: OutputFiles, ranks) -> List[int]:
+    """The ranks among `ranks` launched with this process (same host and parent) whose process is gone."""
+    dead = []
+    for rank in ranks:
+        try:
+            info = json.loads((files.parts_dir / f"rank-{rank}.pid").read_text())
+        except (OSError, ValueError):
+            continue  # not started yet (or not on this host's files)
+        same_launch = info.get("host") == socket.gethostname() and info.get("ppid") == os.getppid()
+        if same_launch and not _alive(int(info["pid"])):
+            dead.append(rank)
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # an exited child not reaped yet
+    except OSError:
+        return True
+
+
 def missing(rows: Sequence[InputRow], records: Dict[str, Record]) -> List[InputRow]:
     return [row for row in rows if row.key not in records]
 
@@ -85,9 +132,14 @@ def wait_for_all_rows(files: OutputFiles, rows: Sequence[InputRow], world: World
         left = missing(rows, records)
         if not left:
             return records
+        waiting_for = sorted({row.index % world.size for row in left} - {world.rank})
+        dead = dead_ranks(files, waiting_for)
+        if dead:
+            raise RankDied(f"rank(s) {dead} ended before writing their records (see their msrun worker logs); "
+                           f"{len(left)} rows have no record yet: rerun the same command to finish them")
         if time.monotonic() - last_report >= WAIT_REPORT_SECONDS:
-            ranks = sorted({row.index % world.size for row in left})
-            print(f"waiting for the other ranks: {len(left)} rows left (ranks {ranks})", file=sys.stderr, flush=True)
+            print(f"waiting for the other ranks: {len(left)} rows left (ranks {waiting_for})", file=sys.stderr,
+                  flush=True)
             last_report = time.monotonic()
         time.sleep(poll_seconds)
 
