@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if mine:
             announce(files, world)
-            answer_rows(mine, args, files.part(world.rank), progress)
+            run_rows(mine, args, files.part(world.rank), progress)
     finally:
         progress.close()
     this_run = (f"this run: {progress.rows} rows, {progress.errors} errors, {progress.tokens} tokens in "
@@ -120,27 +120,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def answer_rows(rows: Sequence, args: argparse.Namespace, part: Path, progress) -> None:
-    """Run `rows` (this rank's rows without a record) and append their records to `part` batch by batch."""
+def run_rows(rows: Sequence, args: argparse.Namespace, part: Path, progress) -> None:
+    """Load the model, run `rows` (this rank's rows without a record), append their records to `part`."""
     from ..cli_options import generation_options, load_processor_and_model
-    from .prepare import PreparedRow, prepare
+    from .loop import answer_rows
     from .records import RecordWriter
-    from .runner import run_batch
-    from .schedule import length_batches, windows
 
     processor, model, _, _ = load_processor_and_model(args)
-    options = generation_options(args)
-    context = model.config.text_config.max_position_embeddings
     writer = RecordWriter(part)
+
+    def write(records) -> None:
+        writer.write(records)
+        progress.update(records)
+
     try:
-        for window in windows(rows, args.sort_window):
-            prepared = [prepare(row, processor, args.max_new_tokens, context) for row in window]
-            failed = [p for p in prepared if not isinstance(p, PreparedRow)]
-            writer.write(failed)
-            progress.update(failed)
-            for batch in length_batches([p for p in prepared if isinstance(p, PreparedRow)], args.batch_size):
-                records = run_batch(model, processor, batch, options)
-                writer.write(records)
-                progress.update(records)
+        answer_rows(rows, processor, model, generation_options(args), args.batch_size, args.sort_window, write)
     finally:
         writer.close()
