@@ -178,3 +178,17 @@ def test_rank_zero_stops_waiting_for_a_rank_that_died(tmp_path, monkeypatch):
     write_jsonl(files.part(0), [{"id": 0, "answer": "a"}])
     with pytest.raises(RankDied, match=r"rank\(s\) \[1\] ended before writing their records"):
         wait_for_all_rows(files, rows, World(0, 4), poll_seconds=0.01)
+
+
+def test_an_output_is_finished_only_with_exactly_the_input_rows_and_no_parts(tmp_path):
+    from mindone_idefics3.batch.shards import finished
+
+    files = OutputFiles(tmp_path / "out.jsonl")
+    rows = [InputRow(i, i + 1, i, []) for i in range(3)]
+    assert not finished(files, rows)
+    write_jsonl(files.final, [{"id": i, "answer": "x"} for i in range(3)])
+    assert finished(files, rows)
+    assert not finished(files, rows[:2])  # rows were removed from the input: the output is rewritten
+    assert not finished(files, rows + [InputRow(3, 4, 3, [])])
+    files.parts_dir.mkdir()
+    assert not finished(files, rows)  # records wait to be merged

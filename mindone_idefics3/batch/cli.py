@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Idefics3Error
     from .progress import Progress
     from .rows import read_rows
-    from .shards import OutputFiles, announce, current_world, merge, missing, share_cpu_threads, wait_for_all_rows
+    from .shards import (OutputFiles, announce, current_world, finished, merge, missing, share_cpu_threads,
+                         wait_for_all_rows)
 
     check_max_new_tokens(args)
     if args.batch_size < 1:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if world.rank != 0:
         print(f"done{where}: {this_run}; rank 0 writes {files.final}", file=sys.stderr)
         return 0
-    if not mine and not missing(rows, done) and not files.parts_dir.exists() and files.final.exists():
+    if finished(files, rows):
         print(f"nothing to do: all {len(rows)} rows already have a record in {files.final}", file=sys.stderr)
         return 0
     records = wait_for_all_rows(files, rows, world)

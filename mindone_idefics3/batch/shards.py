@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ..errors import Idefics3Error
+from ..process import is_alive
 from .records import Record, read_records, write_atomically
 from .rows import InputRow, id_key
 
@@ -100,23 +101,16 @@ def dead_ranks(files: OutputFiles, ranks) -> List[int]:
         except (OSError, ValueError):
             continue  # not started yet (or not on this host's files)
         same_launch = info.get("host") == socket.gethostname() and info.get("ppid") == os.getppid()
-        if same_launch and not _alive(int(info["pid"])):
+        if same_launch and not is_alive(int(info["pid"])):
             dead.append(rank)
     return dead
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def finished(files: OutputFiles, rows: Sequence[InputRow]) -> bool:
+    """The final file holds exactly the input's rows, in order, and no part file waits to be merged."""
+    if files.parts_dir.exists() or not files.final.exists():
         return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # an exited child not reaped yet
-    except OSError:
-        return True
+    return [id_key(r["id"]) for r in read_records(files.final)] == [row.key for row in rows]
 
 
 def missing(rows: Sequence[InputRow], records: Dict[str, Record]) -> List[InputRow]:
