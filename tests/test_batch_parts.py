@@ -192,3 +192,15 @@ def test_an_output_is_finished_only_with_exactly_the_input_rows_and_no_parts(tmp
     assert not finished(files, rows + [InputRow(3, 4, 3, [])])
     files.parts_dir.mkdir()
     assert not finished(files, rows)  # records wait to be merged
+
+
+def test_msruns_scheduler_process_runs_no_rows(monkeypatch, tmp_path):
+    from mindone_idefics3.batch.cli import main
+
+    monkeypatch.setenv("MS_ROLE", "MS_SCHED")
+    monkeypatch.setenv("RANK_ID", "0")
+    monkeypatch.setenv("RANK_SIZE", "2")
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "hi"}])
+    assert main(["--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert list(tmp_path.iterdir()) == [tmp_path / "in.jsonl"]

@@ -80,4 +80,5 @@ def test_msrun_with_two_cpu_workers_writes_the_same_output(workspace, uninterrup
     assert r.returncode == 0, logs
     assert out.read_text() == uninterrupted
     assert "[rank 1 of 2]" in logs and "rank 0 writes" in logs and "done [rank 0 of 2]: 9 rows, 3 errors" in logs
+    assert "rows" not in (tmp_path / "msrun_logs" / "scheduler.log").read_text()  # it ran no rows of its own
     assert not out.with_name("out.jsonl.parts").exists()

@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Idefics3Error
     from .progress import Progress
     from .rows import read_rows
-    from .shards import (OutputFiles, announce, current_world, finished, merge, missing, share_cpu_threads,
-                         wait_for_all_rows)
+    from .shards import (OutputFiles, announce, current_world, finished, is_msrun_scheduler, merge, missing,
+                         share_cpu_threads, wait_for_all_rows)
 
+    if is_msrun_scheduler():
+        return 0  # msrun's scheduler process: no rows for it (see shards.py)
     check_max_new_tokens(args)
     if args.batch_size < 1:
         raise Idefics3Error(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -8,6 +8,10 @@ once its own rows are done, waits until the part files hold a record for every i
 the barrier — then writes `<output>` in input order (atomically) and removes the parts. A row's record is final
 once written, so a rerun (with any N) reads `<output>` and every part file and runs only the rows without one.
 
+msrun also starts a scheduler process that runs the same script (MS_ROLE=MS_SCHED, with RANK_ID=0): it serves
+`communication.init()`, which we do not call, so it has nothing to do and exits at once; otherwise it would run
+rank 0's rows a second time.
+
 msrun does not stop the other workers when one dies (checked with MindSpore 2.10), so rank 0 must not wait for a
 dead rank forever: each rank with rows to run leaves `rank-<r>.pid` (pid, parent pid, host) in the parts folder,
 and rank 0 gives up when a rank of the same launch (same host and parent, i.e. the same msrun) is gone while its
@@ -40,6 +44,10 @@ class World:
 
     def owns(self, row: InputRow) -> bool:
         return row.index % self.size == self.rank
+
+
+def is_msrun_scheduler() -> bool:
+    return os.environ.get("MS_ROLE") == "MS_SCHED"
 
 
 def current_world() -> World:
