@@ -198,7 +198,9 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     ref = next((r for r in result["results"] if r["impl"] == "transformers"), None)
     lines = [f"Machine: {m['cpu']}, {m['cores_usable']} usable cores, {m['ram_gb']} GB RAM; MindSpore "
-             f"{m['mindspore']}, torch {m.get('torch', '—')}, transformers {m.get('transformers', '—')}; {m['date']}.",
+             f"{m['mindspore']}, torch {m.get('torch', '—')}, transformers {m.get('transformers', '—')}; {m['date']}; "
+             f"load average {m['load_average_1min_at_start']:.1f} at start, {m['load_average_1min_at_end']:.1f} at end "
+             "(the machine is shared).",
              f"Checkpoint: {result['checkpoint_shapes']}, random weights, fp32. Rows: {result['rows_per_pass']} photos of "
              f"{result['photo_size']}, {result['image_tiles']}; at most {result['new_tokens']} new tokens.", "",
              "| implementation | batch | rows/s | tokens/s | x transformers (rows/s) | timed pass (s) | cold pass (s) "
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--child"]:
         return child_main(Path(argv[1]))
     args = parse_args(argv)
+    load_at_start = os.getloadavg()[0]
     os.environ.setdefault("GLOG_v", "3")
     from mindone_idefics3.device import cpu_threads
 
@@ -248,7 +251,8 @@ def main(argv=None) -> int:
     import importlib.metadata as md
 
     machine = dict(throughput.machine_description(threads, "CPU"), torch=md.version("torch"),
-                   transformers=md.version("transformers"))
+                   transformers=md.version("transformers"), load_average_1min_at_start=load_at_start,
+                   load_average_1min_at_end=os.getloadavg()[0])
     result = dict(machine=machine, threads=threads, checkpoint_shapes=f"{PRESET} (throughput.py preset)",
                   rows_per_pass=args.rows, photo_size=f"{args.width}x{args.height}", new_tokens=args.new_tokens,
                   image_tiles=("split into 512-px tiles + a global view (SmolVLM's default)" if args.image_splitting
