@@ -160,6 +160,7 @@ def reference(job: dict) -> dict:
                          + [{"type": "text", "text": row["prompt"]}]}]
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
             inputs = processor(text=prompt, images=[images], return_tensors="pt")
+            inputs.pop("token_type_ids", None)  # the tokenizer adds them; Idefics3's generate refuses them
             with torch.inference_mode(), corrected_position_ids():
                 out = model.generate(**inputs, max_new_tokens=job["new_tokens"], do_sample=False,
                                      eos_token_id=gen["eos_token_id"], pad_token_id=gen["pad_token_id"])
