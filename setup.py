@@ -28,11 +28,16 @@ setup(
         # The reference implementation every parity test compares against (CPU torch wheel).
         "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1"],
         "plot": ["matplotlib"],
+        # benchmarks/prepare_dataset.py: datasets from the Hugging Face hub. pyarrow 26 needs numpy 2, which
+        # MindSpore 2.10 cannot import; 22 works with numpy 1.26.
+        "eval": ["datasets>=2.14", "pyarrow<23"],
     },
     entry_points={
         "console_scripts": [
             "idefics3-generate=mindone_idefics3.cli:main",
             "idefics3-convert=mindone_idefics3.convert:main",
+            "idefics3-batch=mindone_idefics3.batch.cli:main",
+            "idefics3-eval=mindone_idefics3.eval.cli:main",
         ]
     },
 )

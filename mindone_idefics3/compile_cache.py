@@ -55,7 +55,7 @@ def request_signature(input_ids: np.ndarray, attention_mask: np.ndarray, pixel_v
                 vision.append(chunk)
         vision = [list(tiles.shape[1:])] + vision
     return dict(batch=batch, prompt_slots=prompt_slots(length, True), padded=bool(not attention_mask.all()),
-                cache_length=cache_length(length, max_new_tokens, True), greedy=greedy, vision=vision)
+                cache_length=cache_length(prompt_slots(length, True) + max_new_tokens), greedy=greedy, vision=vision)
 
 
 def enable(root: Path, model_dir: Path, dtype: str, device: Optional[str], request: dict) -> Path:

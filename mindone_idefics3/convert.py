@@ -47,6 +47,7 @@ from .config import Idefics3Config
 from .errors import Idefics3Error
 from .version import __version__
 from .hub import resolve_model_dir
+from .process import is_alive
 from .weights import NP_DTYPES, SAFE_INDEX, CheckpointReader, cast, plan_weights
 
 CHUNK_ELEMENTS = 2**20  # per read/cast/write step (2-4 MB: cache-sized, ~2x faster than 32 MB chunks)
@@ -275,7 +276,7 @@ def _remove_stale_partials(dst: Path) -> None:
     prefix = f".{dst.name}.partial-{socket.gethostname()}-"
     for path in dst.parent.glob(f".{dst.name}.partial-*"):
         pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not is_alive(int(pid)):
             print(f"removing {path}, left by an interrupted conversion", file=sys.stderr)
             _remove(path)
 
@@ -304,16 +305,6 @@ def _remove_empty(directories: List[Path]) -> None:
             continue
         except OSError:
             return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

@@ -49,8 +49,7 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    tok.save(str(path / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids = special_token_ids(tok)
     vocab = tok.get_vocab_size()
     vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=64,
                   patch_size=8, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
@@ -65,17 +64,34 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
     scale = 2
     write_random_checkpoint(path, vision, text, scale, ids["<image>"], seed=seed,
                             eos_token_ids=[text["eos_token_id"], ids["<end_of_utterance>"]])
-    image_seq_len = (vision["image_size"] // vision["patch_size"] // scale) ** 2
+    write_processor_files(path, tok, tile=vision["image_size"], longest_edge=2 * vision["image_size"],
+                          image_seq_len=(vision["image_size"] // vision["patch_size"] // scale) ** 2,
+                          max_length=text["max_position_embeddings"])
+    return path
+
+
+def special_token_ids(tok) -> Dict[str, int]:
+    """Ids of SPECIAL_TOKENS in a tokenizer made by `build_tokenizer`."""
+    return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+
+
+def write_processor_files(path: Union[str, Path], tok, *, tile: int, longest_edge: int, image_seq_len: int,
+                          max_length: int) -> None:
+    """The processor side of a checkpoint for a `build_tokenizer` tokenizer: tokenizer.json and its configs,
+    preprocessor_config.json (tiles of `tile` px, images resized to `longest_edge` first), processor_config.json
+    and chat_template.json (Idefics3's template)."""
+    path = Path(path)
+    tok.save(str(path / "tokenizer.json"))
     _write_json(path / "preprocessor_config.json", dict(
         image_processor_type="Idefics3ImageProcessor", processor_class="Idefics3Processor", do_convert_rgb=True,
-        do_resize=True, size={"longest_edge": 2 * vision["image_size"]}, resample=1, do_image_splitting=True,
-        max_image_size={"longest_edge": vision["image_size"]}, do_rescale=True, rescale_factor=1 / 255,
+        do_resize=True, size={"longest_edge": longest_edge}, resample=1, do_image_splitting=True,
+        max_image_size={"longest_edge": tile}, do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_pad=True))
     _write_json(path / "processor_config.json", dict(image_seq_len=image_seq_len, processor_class="Idefics3Processor"))
     _write_json(path / "chat_template.json", dict(chat_template=IDEFICS3_CHAT_TEMPLATE))
     _write_json(path / "tokenizer_config.json", dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-        pad_token="<|finetune_right_pad_id|>", model_max_length=text["max_position_embeddings"],
+        pad_token="<|finetune_right_pad_id|>", model_max_length=max_length,
         added_tokens_decoder={str(tok.token_to_id(t)): dict(content=t, special=True, lstrip=False, rstrip=False,
                                                             normalized=False, single_word=False)
                               for t in SPECIAL_TOKENS + ROW_COL_TOKENS}))
@@ -83,7 +99,6 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
                                                        pad_token="<|finetune_right_pad_id|>",
                                                        additional_special_tokens=["<fake_token_around_image>",
                                                                                   "<image>", "<end_of_utterance>"]))
-    return path
 
 
 def write_random_checkpoint(path: Union[str, Path], vision: dict, text: dict, scale: int, image_token_id: int, *,

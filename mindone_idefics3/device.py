@@ -64,7 +64,10 @@ def select_device(name: Optional[str] = None) -> str:
         if current == "Ascend" and not ascend_available():
             raise Idefics3Error("device 'Ascend' was asked for but no Ascend NPU is usable here (MindSpore's Ascend "
                                 "plugin or CANN is missing); use --device CPU")
-        ms.set_device(current)
+        if current == "Ascend" and os.environ.get("DEVICE_ID", "").isdigit():
+            ms.set_device(current, int(os.environ["DEVICE_ID"]))  # msrun sets DEVICE_ID = the local rank
+        else:
+            ms.set_device(current)
     _chosen = current
     if current == "CPU":
         _set_cpu_threads()

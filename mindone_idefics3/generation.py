@@ -22,7 +22,7 @@ from .errors import Idefics3Error
 from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 
 END_OF_UTTERANCE = "<end_of_utterance>"
-CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so compiled steps are reused
+CACHE_BUCKET = 64  # cache lengths are CACHE_BUCKET x a power of two, so compiled steps are reused
 PREFILL_BUCKET = 64  # compiled prefills see prompt lengths rounded up to a multiple of this
 
 
@@ -151,15 +151,19 @@ def decode_step_fn(model, greedy: bool, use_jit: bool) -> Callable:
     return steps[key]
 
 
+def cache_length(slots: int) -> int:
+    """Cache slots for `slots` tokens: CACHE_BUCKET × the next power of two. Prompts of varying lengths (a batch
+    run) then share a few cache shapes, each compiled once (the model keeps the last few, see
+    LlamaModel.setup_caches); decode reads at most twice the slots it needs (Ascend's kernel skips the unused
+    tail)."""
+    buckets = -(-slots // CACHE_BUCKET)
+    return CACHE_BUCKET * (1 << (buckets - 1).bit_length())
+
+
 def prompt_slots(prompt_len: int, use_jit: bool) -> int:
     """Cache slots a prompt takes: compiled prefills see lengths rounded up to PREFILL_BUCKET (extra left padding,
     masked), so one graph serves every prompt length of a bucket."""
     return -(-prompt_len // PREFILL_BUCKET) * PREFILL_BUCKET if use_jit else prompt_len
-
-
-def cache_length(prompt_len: int, max_new_tokens: int, use_jit: bool) -> int:
-    """KV cache slots of a generate() call: the prompt's slots and the new tokens, rounded up to CACHE_BUCKET."""
-    return -(-(prompt_slots(prompt_len, use_jit) + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
 
 
 def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attention_mask, cache_len: int,
@@ -226,7 +230,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
 
     t0 = time.perf_counter()
     first_slot = prompt_slots(s, use_jit)  # decode writes from here on
-    cache_len = cache_length(s, max_new_tokens, use_jit)
+    cache_len = cache_length(first_slot + max_new_tokens)
     logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats)
     sequences = ids.astype(np.int64)
     next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token

@@ -12,6 +12,7 @@ benchmarks/throughput.py counts the kernels of a compiled decode step (~41 per l
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import mindspore as ms
@@ -25,6 +26,8 @@ from ..ops.kv_cache import KVCache, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from .layers import Embedding, Linear, linear
+
+KEPT_CACHE_SHAPES = 4  # cache shapes (with their compiled graphs) kept alive, the current one included
 
 
 class DecoderLayerMath(nn.Cell):
@@ -133,22 +136,37 @@ class LlamaModel(nn.Cell):
         self.cache_shape: Optional[tuple] = None
         self.compiled_steps: dict = {}  # functions compiled against the current caches (generation.py)
         self._layer_graph = None  # the compiled `layer_math` of `prefill`, made on first use
+        self._kept: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (caches, compiled steps), oldest first
 
     def setup_caches(self, batch: int, max_length: int) -> None:
-        """Preallocate a static KV cache of `max_length` slots per layer (replacing any previous one)."""
-        if self.cache_shape == (batch, max_length):
+        """Make a static KV cache of `max_length` slots per layer current.
+
+        The caches of the last KEPT_CACHE_SHAPES shapes are kept with the graphs compiled against them: batches
+        of varying shapes (batch inference) then compile each shape once instead of at every change of shape.
+        """
+        shape = (batch, max_length)
+        if self.cache_shape == shape:
             return
-        self.compiled_steps = {}  # graphs compiled against the old caches would keep using them
-        for i, layer in enumerate(self.layers):
-            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim,
-                                               self.dtype, name=f"kv_cache.{i}")
-        self.cache_shape = (batch, max_length)
+        if self.cache_shape is not None:
+            self._kept[self.cache_shape] = ([layer.self_attn.kv_cache for layer in self.layers], self.compiled_steps)
+        if shape in self._kept:
+            caches, self.compiled_steps = self._kept.pop(shape)
+        else:
+            caches = [KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim, self.dtype,
+                              name=f"kv_cache.{i}") for i in range(len(self.layers))]
+            self.compiled_steps = {}
+        while len(self._kept) >= KEPT_CACHE_SHAPES:
+            self._kept.popitem(last=False)
+        for layer, cache in zip(self.layers, caches):
+            layer.self_attn.kv_cache = cache
+        self.cache_shape = shape
 
     def drop_caches(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         self.cache_shape = None
         self.compiled_steps = {}
+        self._kept.clear()
 
     def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor,
                   cache: str = "none", compiled: bool = False) -> Tensor:

@@ -139,3 +139,11 @@ def select_template(templates: Union[str, Dict[str, str], None], name: Optional[
         raise Idefics3Error(f"the checkpoint has several chat templates ({', '.join(templates)}) and none is "
                             "named 'default'; pass chat_template=<name>")
     return templates["default"]
+
+
+def question_turns(prompt: str, num_images: int, system: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The conversation for one question about images: an optional system turn, then one user turn holding the
+    images first and the text after them (the model card's layout)."""
+    messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    return messages + [{"role": "user", "content": content}]

@@ -1,0 +1,94 @@
+"""What the command-line tools share: the model, image and sampling flags, and what they turn into (a processor
+and a model on the chosen device, the options of `generate`). No MindSpore at import: `--help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import resource
+from typing import Any, Dict, Optional, Tuple
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
+    """--model, --dtype, --device, --longest-edge, --no-image-splitting."""
+    if default_model is None:
+        p.add_argument("--model", required=True,
+                       help="model directory or Hugging Face repo id (repo ids are downloaded to the hub cache "
+                            "unless HF_HUB_OFFLINE=1)")
+    else:
+        p.add_argument("--model", default=default_model,
+                       help=f"model directory or Hugging Face repo id (default: {default_model}); repo ids are "
+                            "downloaded to the hub cache unless HF_HUB_OFFLINE=1")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="weights and activations dtype (default: bf16 on Ascend, fp32 on CPU; bf16 needs Ascend)")
+    p.add_argument("--device", choices=["Ascend", "CPU"], default=None,
+                   help="device (default: Ascend when an NPU is usable, else CPU)")
+    p.add_argument("--longest-edge", type=int, default=None, metavar="PIXELS",
+                   help="resize images so their longest edge is this many pixels before splitting (processor "
+                        "default, 4×364 = 1456 for Idefics3-8B; 2–3×364 to save memory, 5×364 for huge images)")
+    p.add_argument("--no-image-splitting", action="store_true",
+                   help="do not split large images into tiles (one tile per image: faster, less detail)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: int) -> None:
+    """--max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty, --seed."""
+    p.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens,
+                   help=f"upper bound on generated tokens (default {default_max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample with this temperature (setting it, --top-p or --top-k turns sampling on; "
+                        "default: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same output)")
+
+
+def check_max_new_tokens(args: argparse.Namespace) -> None:
+    from .errors import Idefics3Error
+
+    if args.max_new_tokens < 1:
+        raise Idefics3Error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+
+def generation_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """`generate` keyword arguments from the sampling flags: greedy unless --temperature/--top-p/--top-k is set."""
+    sampling = args.temperature is not None or args.top_p is not None or bool(args.top_k)
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=sampling,
+                temperature=args.temperature if args.temperature is not None else 1.0,
+                top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_processor_and_model(args: argparse.Namespace) -> Tuple[Any, Any, str, float]:
+    """(processor, model, device, seconds the model took to load) for --model/--dtype/--device and the image
+    flags."""
+    import time
+
+    from . import Idefics3ForConditionalGeneration, Idefics3Processor
+    from .device import resolve_dtype, select_device
+    from .hub import resolve_model_dir
+
+    device = select_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model_dir = resolve_model_dir(args.model)
+    overrides = {}
+    if args.longest_edge:
+        overrides["size"] = {"longest_edge": args.longest_edge}
+    if args.no_image_splitting:
+        overrides["do_image_splitting"] = False
+    processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
+    t_load = time.perf_counter()
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
+    return processor, model, device, time.perf_counter() - t_load
+
+
+def dtype_label(args: argparse.Namespace, device: str) -> str:
+    return args.dtype or ("bf16" if device == "Ascend" else "fp32")
+
+
+def model_inputs(inputs) -> dict:
+    """The processor output's entries that `generate` takes."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+    return {k: inputs[k] for k in keys if k in inputs and inputs[k] is not None}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
