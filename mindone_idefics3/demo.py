@@ -46,36 +46,58 @@ def build_tokenizer(vocab_size: int = 420):
 
 def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
     """Write config, random safetensors weights (transformers' names), tokenizer, processor and chat template."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    tok.save(str(path / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    vocab = tok.get_vocab_size()
     vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=64,
                   patch_size=8, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
                   model_type="idefics3_vision")
-    text = dict(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
                 rope_theta=500000.0, tie_word_embeddings=False, hidden_act="silu", attention_bias=False,
-                mlp_bias=False, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"],
-                pad_token_id=ids["<|finetune_right_pad_id|>"],
-                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=256))
-    scale = 2
-    write_random_checkpoint(path, vision, text, scale, ids["<image>"], seed=seed,
-                            eos_token_ids=[text["eos_token_id"], ids["<end_of_utterance>"]])
+                mlp_bias=False, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                  high_freq_factor=4.0, original_max_position_embeddings=256))
+    return write_random_model(path, vision, text, scale=2, longest_edge=2 * vision["image_size"], seed=seed)
+
+
+def write_random_model(path: Union[str, Path], vision: dict, text: dict, scale: int, *, longest_edge: int,
+                       dtype=np.float32, seed: int = 0) -> Path:
+    """A random-weight checkpoint that the processors (ours and transformers') can run on: the processor files of
+    `write_processor_files`, then config and weights whose special token ids are the tokenizer's (bos, eos, pad,
+    `<image>`; generation stops on eos and `<end_of_utterance>`). `text` without vocab_size gets the tokenizer's."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     image_seq_len = (vision["image_size"] // vision["patch_size"] // scale) ** 2
+    tok = write_processor_files(path, tile_size=vision["image_size"], image_seq_len=image_seq_len,
+                                longest_edge=longest_edge, model_max_length=text["max_position_embeddings"])
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    text = dict(text, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"],
+                pad_token_id=ids["<|finetune_right_pad_id|>"])
+    text.setdefault("vocab_size", tok.get_vocab_size())
+    if text["vocab_size"] < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()}")
+    return write_random_checkpoint(path, vision, text, scale, ids["<image>"], seed=seed, dtype=dtype,
+                                   eos_token_ids=[text["eos_token_id"], ids["<end_of_utterance>"]])
+
+
+def write_processor_files(path: Union[str, Path], *, tile_size: int, image_seq_len: int, longest_edge: int,
+                          model_max_length: int):
+    """tokenizer.json (`build_tokenizer`), tokenizer_config.json, special_tokens_map.json, chat_template.json,
+    processor_config.json and preprocessor_config.json with SmolVLM's processor settings (LANCZOS, image
+    splitting, rescale 1/255, mean/std 0.5): images resized to `longest_edge`, tiles of `tile_size` pixels.
+    Padding is on the left and the tokenizer returns input_ids and attention_mask only (transformers' generate
+    rejects token_type_ids). Returns the tokenizer (a `tokenizers.Tokenizer`)."""
+    path = Path(path)
+    tok = build_tokenizer()
+    tok.save(str(path / "tokenizer.json"))
     _write_json(path / "preprocessor_config.json", dict(
         image_processor_type="Idefics3ImageProcessor", processor_class="Idefics3Processor", do_convert_rgb=True,
-        do_resize=True, size={"longest_edge": 2 * vision["image_size"]}, resample=1, do_image_splitting=True,
-        max_image_size={"longest_edge": vision["image_size"]}, do_rescale=True, rescale_factor=1 / 255,
+        do_resize=True, size={"longest_edge": longest_edge}, resample=1, do_image_splitting=True,
+        max_image_size={"longest_edge": tile_size}, do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_pad=True))
     _write_json(path / "processor_config.json", dict(image_seq_len=image_seq_len, processor_class="Idefics3Processor"))
     _write_json(path / "chat_template.json", dict(chat_template=IDEFICS3_CHAT_TEMPLATE))
     _write_json(path / "tokenizer_config.json", dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-        pad_token="<|finetune_right_pad_id|>", model_max_length=text["max_position_embeddings"],
+        pad_token="<|finetune_right_pad_id|>", model_max_length=model_max_length, padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
         added_tokens_decoder={str(tok.token_to_id(t)): dict(content=t, special=True, lstrip=False, rstrip=False,
                                                             normalized=False, single_word=False)
                               for t in SPECIAL_TOKENS + ROW_COL_TOKENS}))
@@ -83,7 +105,7 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
                                                        pad_token="<|finetune_right_pad_id|>",
                                                        additional_special_tokens=["<fake_token_around_image>",
                                                                                   "<image>", "<end_of_utterance>"]))
-    return path
+    return tok
 
 
 def write_random_checkpoint(path: Union[str, Path], vision: dict, text: dict, scale: int, image_token_id: int, *,
