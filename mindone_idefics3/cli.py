@@ -88,14 +88,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
+    t_import = time.perf_counter()
     from . import Idefics3ForConditionalGeneration, Idefics3Processor
     from .device import resolve_dtype, select_device
     from .generation import GenerationStats, stream_generate
     from .processing import load_image
     from .hub import resolve_model_dir
 
+    import_seconds = time.perf_counter() - t_import
     device = select_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    t_images = time.perf_counter()
     images = [load_image(src) for src in args.image]  # bad images fail before the slow model load
     model_dir = resolve_model_dir(args.model)
     overrides = {}
@@ -104,10 +107,12 @@ def _answer(args: argparse.Namespace) -> int:
     if args.no_image_splitting:
         overrides["do_image_splitting"] = False
     processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
+    processor_seconds = time.perf_counter() - t_images
     t_load = time.perf_counter()
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
     load_seconds = time.perf_counter() - t_load
 
+    t_prompt = time.perf_counter()
     messages = []
     if args.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": args.system}]})
@@ -115,6 +120,7 @@ def _answer(args: argparse.Namespace) -> int:
                      + [{"type": "text", "text": args.prompt}]})
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[images] if images else None, return_tensors="np")
+    processor_seconds += time.perf_counter() - t_prompt
 
     sampling = args.temperature is not None or args.top_p is not None or bool(args.top_k)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling,
@@ -133,7 +139,8 @@ def _answer(args: argparse.Namespace) -> int:
                   load_seconds=round(load_seconds, 3), time_to_first_token=round(stats.time_to_first_token, 3),
                   first_step_seconds=round(stats.first_step_seconds, 3),
                   decode_tokens_per_second=round(stats.decode_tokens_per_second, 2),
-                  peak_host_memory_mb=round(_peak_rss_mb(), 1))
+                  peak_host_memory_mb=round(_peak_rss_mb(), 1), import_seconds=round(import_seconds, 3),
+                  processor_seconds=round(processor_seconds, 3), new_ids=[int(t[0]) for t in stats.new_ids])
     if device == "Ascend":
         import mindspore as ms
 
