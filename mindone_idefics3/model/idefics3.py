@@ -82,8 +82,10 @@ class Idefics3Output:
     image_hidden_states: Optional[Tensor] = None  # (T, image_seq_len, text hidden)
 
 
-# Tiles per vision call: peak activation memory grows with it, speed hardly (a 512-px SmolVLM tile is already a
-# (1024 × 768) GEMM per projection). Measured on the CPU: benchmarks/results/vision_chunks.json.
+# Tiles per vision call: peak activation memory grows with it (~300 MB per 512-px SmolVLM tile per compiled layer
+# call on the CPU, measured); speed should hardly (one tile is already a (1024 × 768) GEMM per projection), not
+# yet timed on a quiet machine. Ascend: 4, where per-layer activations stay far below the prefill's
+# (benchmarks/memory_on_paper.py).
 VISION_CHUNK_TILES = {"CPU": 1, "Ascend": 4}
 
 
