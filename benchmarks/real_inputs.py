@@ -236,15 +236,16 @@ def run_cases(args) -> int:
     threads = use_threads(args.threads)
     ckpt, name = resolve_checkpoint(args, [args.dtype])
     from mindone_idefics3.config import Idefics3Config
-    from mindone_idefics3.device import resolve_dtype, select_device
 
-    device = select_device(args.device)
-    resolve_dtype(args.dtype, device)  # an Idefics3Error (exit 2) when the device cannot run it
     cfg = Idefics3Config.from_json_file(ckpt / "config.json")
     if "long-text" in args.case_list and args.long_text_tokens + 64 + args.new_tokens > \
             cfg.text_config.max_position_embeddings:
         raise Refused(f"--long-text-tokens {args.long_text_tokens} + the chat template + {args.new_tokens} new tokens "
                       f"do not fit the model's {cfg.text_config.max_position_embeddings} positions: lower it")
+    from mindone_idefics3.device import resolve_dtype, select_device
+
+    device = select_device(args.device)
+    resolve_dtype(args.dtype, device)  # an Idefics3Error (exit 2) when the device cannot run it
     machine = describe(threads, device, reference=args.reference == "hf")
     if args.reference == "hf" and (machine["torch"] is None or machine["transformers"] is None):
         raise Refused("--reference hf needs torch and transformers (pip install -e .[test])")
