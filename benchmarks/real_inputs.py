@@ -31,7 +31,7 @@ from bench.images import write_test_images
 from bench.kernels import attention_backend
 from bench.machine import describe, finish, headline
 from bench.presets import resolve_checkpoint
-from bench.processes import CHILD_FLAG, read_job, run_child, save_results
+from bench.processes import run_child, save_results, script_main
 from bench.report import fmt, table, write_json
 from bench.runs import Run, leading_equal, load_models, measure, ours_generate, reference_generate, summary
 
@@ -222,9 +222,8 @@ def side_summary(runs: List[Run], prefix: str) -> dict:
     return out
 
 
-def child_main(job_path: Path) -> int:
+def child_main(job: dict) -> int:
     """`real_inputs.py --child JOB.json`: measure one case, save its row."""
-    job = read_job(job_path)
     save_results(job, dict(rows=[measure_case(job)]))
     return 0
 
@@ -324,16 +323,7 @@ def flatness(rows: List[dict]) -> List[str]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from mindone_idefics3.errors import Idefics3Error
-
-    try:
-        if argv[:1] == [CHILD_FLAG]:  # internal: one case's measuring process
-            return child_main(Path(argv[1]))
-        return run_cases(parse_args(argv))
-    except (Refused, Idefics3Error) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return script_main(argv, lambda a: run_cases(parse_args(a)), child_main)
 
 
 if __name__ == "__main__":

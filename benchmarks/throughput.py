@@ -26,7 +26,7 @@ from bench.args import add_checkpoint_args, add_threads_arg, checked, choices, p
 from bench.kernels import attention_backend, count_decode_kernels, decode_bytes
 from bench.machine import describe, finish, headline, memory_bandwidth_gbs
 from bench.presets import resolve_checkpoint
-from bench.processes import CHILD_FLAG, read_job, run_child, save_results
+from bench.processes import run_child, save_results, script_main
 from bench.report import fmt, pyplot, table, write_json
 from bench.runs import Run, leading_equal, load_models, measure, ours_generate, reference_generate, summary
 
@@ -263,9 +263,8 @@ def benchmark_precision(job: dict, emit) -> None:
         emit(dict(status="kernels", **count_decode_kernels(model, args.batches[0])))
 
 
-def child_main(job_path: Path) -> int:
+def child_main(job: dict) -> int:
     """`throughput.py --child JOB.json`: measure one precision, save its rows after each."""
-    job = read_job(job_path)
     part = dict(rows=[], kernels=None)
 
     def emit(row: dict) -> None:
@@ -442,16 +441,7 @@ def plot(result: dict, path: Path) -> Optional[Path]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from mindone_idefics3.errors import Idefics3Error
-
-    try:
-        if argv[:1] == [CHILD_FLAG]:  # internal: one precision's measuring process
-            return child_main(Path(argv[1]))
-        return run_benchmark(parse_args(argv))
-    except (Refused, Idefics3Error) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return script_main(argv, lambda a: run_benchmark(parse_args(a)), child_main)
 
 
 if __name__ == "__main__":

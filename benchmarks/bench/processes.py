@@ -2,7 +2,7 @@
 
 - `run_child(script, job)`: a script re-runs itself as `script --child JOB.json` (MindSpore keeps every graph it
   compiled, so one process for everything would grow by GBs, and a peak RSS is only clean in a fresh process);
-  the child reads the job with `read_job` and saves its results with `save_results` after each row, so a crash
+  `script_main` hands the child its job, which saves its results with `save_results` after each row, so a crash
   keeps what was measured.
 - `run_measured(cmd)`: a command's wall time (spawn to exit) and peak RSS, read with os.wait4 by a lean launcher
   (a child's ru_maxrss starts from the RSS of the process that forked it: a benchmark holding models would
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .report import write_json
 
@@ -38,8 +38,22 @@ def run_child(script: Path, job: dict) -> Tuple[dict, Optional[str]]:
     return results, f"the measuring process failed: {why}"
 
 
-def read_job(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def script_main(argv: Optional[List[str]], parent: Callable[[List[str]], int],
+                child: Optional[Callable[[dict], int]] = None) -> int:
+    """A benchmark script's main: `script --child JOB.json` runs child(job), anything else parent(argv). A refusal
+    (bench.Refused) or a user error (Idefics3Error) prints one line on stderr and returns 2."""
+    from mindone_idefics3.errors import Idefics3Error
+
+    from . import Refused
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if child is not None and argv[:1] == [CHILD_FLAG]:
+            return child(json.loads(Path(argv[1]).read_text()))
+        return parent(argv)
+    except (Refused, Idefics3Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def save_results(job: dict, results: dict) -> None:
