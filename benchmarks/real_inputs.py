@@ -44,6 +44,7 @@ interleaved: ours, theirs, ours, theirs, ...
                  step); transformers has nothing to compile.
   TTFT warm      median over the warm calls. TTFT = request start (image files) -> first new token on the host:
                  image decoding and processing, vision, prefill, first token.
+  processor s    reading the image files, chat template and processor: the part of TTFT before the model.
   decode tok/s   per sequence, median over the warm calls: (new tokens - 2) / time from the 2nd to the last token.
   peak RSS       the process's peak resident memory (VmHWM, reset before each call) during the side's calls, cold
                  included; both models are resident (this side's load RSS is in the details). above baseline = that
