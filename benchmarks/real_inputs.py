@@ -16,6 +16,7 @@ Prints a markdown table (the machine first) and writes benchmarks/results/real-i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -96,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["Ascend", "CPU"], default=None, help="default: Ascend when usable, else CPU")
     p.add_argument("--out", default=None,
                    help="JSON path (default: benchmarks/results/real-inputs-<preset or model>-<device>.json)")
+    p.add_argument("--table", default=None, metavar="JSON",
+                   help="print the tables of a results file written earlier (a run stopped early keeps the cases it "
+                        "finished) and measure nothing")
     args = checked(p, p.parse_args(argv))
     try:
         args.case_list = choices(args.cases, list(CASES), "--cases")
@@ -232,6 +236,9 @@ def child_main(job: dict) -> int:
 # ----------------------------------------------------------------------------------------------- the run
 def run_cases(args) -> int:
     """Check, prepare the weights and pictures, describe the machine; then each case in a fresh process."""
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return 0
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings off (read when it is imported)
     threads = use_threads(args.threads)
     ckpt, name = resolve_checkpoint(args, [args.dtype])
