@@ -48,8 +48,10 @@ interleaved: ours, theirs, ours, theirs, ...
   processor s    reading the image files, chat template and processor: the part of TTFT before the model.
   decode tok/s   per sequence, median over the warm calls: (new tokens - 2) / time from the 2nd to the last token.
   peak RSS       the process's peak resident memory (VmHWM, reset before each call) during the side's calls, cold
-                 included; both models are resident (this side's load RSS is in the details). above baseline = that
-                 peak minus the RSS just before the call: what the call itself added.
+                 included; both models are resident (each side's load RSS is in the details). above baseline = that
+                 peak minus the RSS just before the call: what the call itself added. Our cold call is the first
+                 of the process, before transformers ran: its peak (cold peak) is ours alone; later peaks also hold
+                 what the other side's allocator kept. --reference none measures ours alone throughout.
   ids equal      leading new tokens equal to transformers' in every row (of --new-tokens).
   inputs equal   both processors gave the same input_ids, attention_mask, pixel_values and pixel_attention_mask.
 transformers runs on CPU torch with --reference-attn attention (sdpa by default, what its users get), the same
@@ -316,18 +318,23 @@ def markdown(result: dict) -> str:
 
 FLATNESS = (("photo", "tiles-1", "13 tiles vs 1 tile"), ("two-images", "photo", "2 images vs 1"),
             ("two-images-batch", "two-images", "batch of 2 vs 1 prompt"))
+MEMORY = (("cold_peak_rss_mb", "cold peak"), ("peak_rss_mb", "peak"), ("peak_above_baseline_mb", "above baseline"))
 
 
 def flatness(rows: List[dict]) -> List[str]:
-    """Peak RSS ratios between cases (how memory grows with tiles, images, batch), when both rows are there."""
+    """How memory grows with tiles, images and batch: ratios between cases, when both rows are there. Our cold call
+    is the first of its process, before transformers ran: its peak is ours alone (with both models loaded); later
+    peaks also hold what the other side's allocator kept."""
     ok = {r["case"]: r for r in rows if r["status"] == "ok"}
     lines = []
     for a, b, what in FLATNESS:
         if a in ok and b in ok:
-            ratios = [f"x{ok[a][key] / ok[b][key]:.3f} {side}" for key, side in
-                      (("peak_rss_mb", "ours"), ("ref_peak_rss_mb", "ref")) if key in ok[a]]
-            lines.append(f"- {what} ({a} ÷ {b}): peak RSS {', '.join(ratios)}")
-    return ["", "Peak RSS growth:", *lines] if lines else []
+            for prefix, side in (("", "ours"), ("ref_", "ref")):
+                if prefix + "peak_rss_mb" in ok[a]:
+                    ratios = ", ".join(f"{name} x{ok[a][prefix + key] / ok[b][prefix + key]:.3f}"
+                                       for key, name in MEMORY)
+                    lines.append(f"- {what} ({a} ÷ {b}), {side}: {ratios}")
+    return ["", "Memory growth (ratios of RSS between cases):", *lines] if lines else []
 
 
 def main(argv=None) -> int:
