@@ -99,9 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["Ascend", "CPU"], default=None, help="default: Ascend when usable, else CPU")
     p.add_argument("--out", default=None,
                    help="JSON path (default: benchmarks/results/real-inputs-<preset or model>-<device>.json)")
-    p.add_argument("--table", default=None, metavar="JSON",
-                   help="print the tables of a results file written earlier (a run stopped early keeps the cases it "
-                        "finished) and measure nothing")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="print the tables of results files written earlier (a run stopped early keeps the cases it "
+                        "finished), then the memory growth over all their cases, and measure nothing")
     args = checked(p, p.parse_args(argv))
     try:
         args.case_list = choices(args.cases, list(CASES), "--cases")
@@ -239,7 +239,9 @@ def child_main(job: dict) -> int:
 def run_cases(args) -> int:
     """Check, prepare the weights and pictures, describe the machine; then each case in a fresh process."""
     if args.table:
-        print(markdown(json.loads(Path(args.table).read_text())))
+        results = [json.loads(Path(path).read_text()) for path in args.table]
+        print("\n\n".join(markdown(result, growth=False) for result in results))
+        print("\n".join(flatness([row for result in results for row in result["rows"]])))
         return 0
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings off (read when it is imported)
     threads = use_threads(args.threads)
@@ -295,7 +297,7 @@ DETAIL_COLUMNS = [("case", "c"), ("tokens/s min–max (ours)", "r"), ("processor
                   ("inputs equal", "c")]
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, growth: bool = True) -> str:
     head = [headline(result["machine"]),
             f"Threads: {result['machine']['threads']} for both sides. Weights: {result['weights']}. Reference: "
             f"{result['reference'] or 'none'}. x ref = speed-up over transformers (> 1 = ours faster).", ""]
@@ -313,7 +315,7 @@ def markdown(result: dict) -> str:
                         pair(r, "load_s"), pair(r, "load_rss_mb", 0),
                         f"{r['attention']} / {r.get('ref_attention', '—')}", r.get("inputs_equal")])
     return "\n".join(head + table(MAIN_COLUMNS, main) + ["", "Details:", ""] + table(DETAIL_COLUMNS, details)
-                     + flatness(result["rows"]))
+                     + (flatness(result["rows"]) if growth else []))
 
 
 FLATNESS = (("photo", "tiles-1", "13 tiles vs 1 tile"), ("two-images", "photo", "2 images vs 1"),
