@@ -75,15 +75,18 @@ def test_cli_benchmark_runs_both_scripts_in_fresh_processes(work, real_run):
 def test_smolvlm_processor_settings_split_the_photo_into_13_tiles(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench.images import write_test_images
-    from mindone_idefics3.demo import write_processor_files
+    from mindone_idefics3.demo import build_tokenizer, write_processor_files
     from mindone_idefics3.processing import Idefics3Processor
 
-    write_processor_files(tmp_path, tile_size=512, image_seq_len=64, longest_edge=2048, model_max_length=8192)
+    # what demo.write_random_model writes for the smolvlm-256m preset
+    write_processor_files(tmp_path, build_tokenizer(), tile=512, longest_edge=2048, image_seq_len=64,
+                          max_length=8192, padding_side="left", model_input_names=["input_ids", "attention_mask"])
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert config["size"] == {"longest_edge": 2048} and config["max_image_size"] == {"longest_edge": 512}
     assert config["resample"] == 1 and config["do_image_splitting"] and config["image_mean"] == [0.5] * 3
     tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]
+    assert tokenizer_config["padding_side"] == "left"
     photo = write_test_images(tmp_path / "images")["photo"]
     processor = Idefics3Processor.from_pretrained(tmp_path)
     out = processor(text="<image>Describe.", images=[photo])
