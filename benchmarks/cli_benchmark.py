@@ -8,8 +8,9 @@ Each side runs --runs times in a row (the first run, then the second, ...), each
 lean launcher: wall time from spawn to exit, the process's peak RSS (ru_maxrss via os.wait4), and the phases the
 script reports itself (import, processor, load, time to first token, first decode step, decode tokens/s). Both
 are greedy and stop on the checkpoint's stop ids; their new ids are compared. Before each side's first run the
-checkpoint's files are dropped from the page cache and our MindSpore compile cache (when one is enabled, see
---compile-cache) is emptied, so a first run is cold. Prints a markdown table (the machine first) and writes
+checkpoint's files are dropped from the page cache and generate.py's compile cache (see --compile-cache) is
+emptied, so a first run is cold and later runs read the graphs the first one compiled, as a user's second run
+would. Prints a markdown table (the machine first) and writes
 benchmarks/results/cli-<preset or model>-cpu.json.
 """
 from __future__ import annotations
@@ -43,10 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="(default: 32)")
     p.add_argument("--runs", type=int, default=2, help="fresh processes per side, in a row (default: 2)")
     add_threads_arg(p)
-    p.add_argument("--compile-cache", default=None, metavar="DIR",
-                   help="enable MindSpore's compile cache in DIR for our runs (MS_COMPILER_CACHE_ENABLE=1, "
-                        "MS_COMPILER_CACHE_PATH=DIR), emptied before the first run; default: as the environment "
-                        "says (when it enables the cache without a path, DIR is <work-dir>/ms-compile-cache)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", default=None, metavar="DIR",
+                       help="generate.py's --compile-cache for our runs, emptied before the first run (default: "
+                            "<work-dir>/compile-cache, not generate.py's default in your home directory)")
+    cache.add_argument("--no-compile-cache", action="store_true",
+                       help="our runs keep no compiled graphs (generate.py --no-compile-cache): every run compiles")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/cli-<preset or model>-cpu.json)")
     args = checked(p, p.parse_args(argv))
     if args.runs < 1 or args.max_new_tokens < 1:
@@ -55,19 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def compile_cache(args) -> Optional[Path]:
-    """The compile cache our runs use (exported to them), or None when it is off."""
-    if args.compile_cache:
-        os.environ.update(MS_COMPILER_CACHE_ENABLE="1", MS_COMPILER_CACHE_PATH=str(Path(args.compile_cache).resolve()))
-    if os.environ.get("MS_COMPILER_CACHE_ENABLE") != "1":
+    """The root of generate.py's compile cache for our runs, or None when it is off."""
+    if args.no_compile_cache:
         return None
-    os.environ.setdefault("MS_COMPILER_CACHE_PATH", str(Path(args.work_dir).resolve() / "ms-compile-cache"))
-    return Path(os.environ["MS_COMPILER_CACHE_PATH"])
+    return Path(args.compile_cache or Path(args.work_dir) / "compile-cache").resolve()
 
 
-def commands(args, ckpt: Path, images, threads: int) -> dict:
+def commands(args, ckpt: Path, images, threads: int, cache: Optional[Path]) -> dict:
     common = ["--model", str(ckpt), *[a for image in images for a in ("--image", str(image))], "--prompt",
               args.prompt, "--max-new-tokens", str(args.max_new_tokens)]
-    return {"ours": [sys.executable, str(ROOT / "generate.py"), *common, "--json"],
+    cache_args = ["--no-compile-cache"] if cache is None else ["--compile-cache", str(cache)]
+    return {"ours": [sys.executable, str(ROOT / "generate.py"), *common, "--json", *cache_args],
             "transformers": [sys.executable, str(ROOT / "benchmarks" / "hf_generate.py"), *common, "--threads",
                              str(threads)]}
 
@@ -77,9 +78,11 @@ def run_side(side: str, cmd: list, runs: int, cache: Optional[Path], ckpt: Path)
     evict(ckpt)
     if side == "ours" and cache is not None:
         shutil.rmtree(cache, ignore_errors=True)
+    # MindSpore's own cache variables stay out: generate.py sets them for its cache, and "off" means off
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MS_COMPILER_CACHE")}
     rows = []
     for i in range(1, runs + 1):
-        m = run_measured(cmd, env={**os.environ, "GLOG_v": "3"}, cwd=ROOT)
+        m = run_measured(cmd, env={**env, "GLOG_v": "3"}, cwd=ROOT)
         row = dict(side=side, run=i, wall_s=round(m.wall_s, 3), peak_rss_mb=round(m.peak_rss_bytes / 2**20),
                    exit_code=m.rc)
         if m.rc == 0:
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
     result = dict(machine=machine, checkpoint=str(ckpt), weights="random (preset)" if args.preset else "checkpoint",
                   images=[str(i) for i in images], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                   compile_cache=str(cache) if cache else None, args=vars(args), runs=[])
-    for side, cmd in commands(args, ckpt, images, threads).items():
+    for side, cmd in commands(args, ckpt, images, threads, cache).items():
         result["runs"] += run_side(side, cmd, args.runs, cache, ckpt)
     result["ours_over_transformers"] = compare(result["runs"])
     finish(machine)

@@ -70,6 +70,8 @@ def test_cli_benchmark_runs_both_scripts_in_fresh_processes(work, real_run):
         assert row["exit_code"] == 0 and row["wall_s"] > 0 and row["peak_rss_mb"] > 50
         assert all(row[k] is not None for k in ("import_seconds", "load_seconds", "time_to_first_token"))
     assert set(result["ours_over_transformers"]) == {"run_1"}
+    cache = (work / "w" / "compile-cache").resolve()  # generate.py's cache, kept inside the work dir
+    assert result["compile_cache"] == str(cache) and any(p.is_file() for p in cache.rglob("*"))
 
 
 def test_smolvlm_processor_settings_split_the_photo_into_13_tiles(tmp_path):
