@@ -13,7 +13,8 @@ from ..config import Idefics3Config
 from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from .connector import Connector, check_patch_grid
-from .layers import Linear
+from .layers import Linear, linear
+from .loss import causal_lm_loss
 from .llama import LlamaModel
 from .vision import VisionTransformer, patch_layout
 
@@ -78,8 +79,9 @@ def prepare_vision_inputs(pixel_values: ArrayLike, pixel_attention_mask: Optiona
 
 @dataclass
 class Idefics3Output:
-    logits: Tensor  # (B, S, vocab), or (B, 1, vocab) with last_only
+    logits: Optional[Tensor]  # (B, S, vocab), or (B, 1, vocab) with last_only; None with labels (see construct)
     image_hidden_states: Optional[Tensor] = None  # (T, image_seq_len, text hidden)
+    loss: Optional[Tensor] = None  # fp32 scalar, with labels
 
 
 # Tiles per vision call: peak activation memory grows with it (~300 MB per 512-px SmolVLM tile per compiled layer
@@ -177,8 +179,13 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, S, H) → (B, S, vocab) fp32."""
         b, s, h = hidden.shape
-        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
+        return self.project(hidden.reshape(b * s, h)).reshape(b, s, -1)
+
+    def project(self, rows: Tensor) -> Tensor:
+        """The output projection of hidden rows (N, H) → (N, vocab) fp32 (tied: the token embeddings)."""
+        if self.tied:
+            return self.lm_matmul(rows, self.model.text_model.embed_tokens.weight).astype(ms.float32)
+        return linear(rows, self.lm_head.weight_arg()).astype(ms.float32)
 
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
                      use_jit: bool = False):
@@ -214,12 +221,19 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     # ------------------------------------------------------------------------------------------ forward
     def construct(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                   pixel_values: Optional[ArrayLike] = None, pixel_attention_mask: Optional[ArrayLike] = None,
-                  last_only: bool = False) -> Idefics3Output:
-        """A full forward pass, no cache (see generation.py for prefill + decode).
+                  last_only: bool = False, labels: Optional[ArrayLike] = None,
+                  num_items_in_batch: Optional[float] = None, return_logits: bool = False) -> Idefics3Output:
+        """A full forward pass, no cache (see generation.py for prefill + decode); differentiable (training).
 
         input_ids (B, S) int32/int64; attention_mask (B, S), 1 = real token (left padding); pixel_values
         (B, I, 3, H, W); pixel_attention_mask (B, I, H, W). Rotary positions follow the attention mask, as
-        in transformers' generate. Returns logits (B, S, vocab) fp32 (only the last position with last_only).
+        in transformers' generate (so a row's result does not depend on how much padding the batch gives it).
+        Returns logits (B, S, vocab) fp32 (only the last position with last_only).
+
+        labels (B, S): the target token of each position, -100 where not scored; `.loss` is then transformers'
+        causal LM loss (model/loss.py), divided by num_items_in_batch when given (the labelled tokens of the
+        whole global batch) instead of this batch's count. With labels the full logits are not formed unless
+        return_logits.
         """
         ids = self.check_input_ids(input_ids)
         mask = self.check_attention_mask(attention_mask, ids.shape)
@@ -227,6 +241,15 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         s = ids.shape[1]
         hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
                                        Tensor(np.arange(s, dtype=np.int32)))
+        if labels is not None:
+            targets = to_numpy(labels, "labels")
+            if targets.ndim == 1:
+                targets = targets[None]
+            if targets.shape != ids.shape or not np.issubdtype(targets.dtype, np.integer):
+                raise Idefics3Error(f"labels must be an integer array shaped like input_ids {ids.shape}, got "
+                                    f"{targets.dtype} {targets.shape}")
+            loss = causal_lm_loss(hidden, targets, self.project, num_items_in_batch)
+            return Idefics3Output(self.logits(hidden) if return_logits else None, features, loss)
         if last_only:
             hidden = hidden[:, -1:]
         return Idefics3Output(self.logits(hidden), features)

@@ -115,9 +115,9 @@ class LlamaDecoderLayer(nn.Cell):
         """(cache k, cache v, *weights): the arguments of `DecoderLayerMath` after the activations."""
         attn, mlp, cache = self.self_attn, self.mlp, self.self_attn.kv_cache
         return (None if cache is None else cache.k, None if cache is None else cache.v,
-                self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                attn.o_proj.bias, self.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+                self.input_layernorm.weight, attn.qkv_proj.weight_arg(), attn.qkv_proj.bias,
+                attn.o_proj.weight_arg(), attn.o_proj.bias, self.post_attention_layernorm.weight,
+                mlp.gate_up_proj.weight_arg(), mlp.gate_up_proj.bias, mlp.down_proj.weight_arg(), mlp.down_proj.bias)
 
 
 class LlamaModel(nn.Cell):

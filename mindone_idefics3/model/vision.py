@@ -150,9 +150,9 @@ class VisionEncoderLayer(nn.Cell):
 
     def weights(self) -> tuple:
         attn, mlp = self.self_attn, self.mlp
-        return (self.layer_norm1.weight, self.layer_norm1.bias, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                attn.out_proj.weight, attn.out_proj.bias, self.layer_norm2.weight, self.layer_norm2.bias,
-                mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return (self.layer_norm1.weight, self.layer_norm1.bias, attn.qkv_proj.weight_arg(), attn.qkv_proj.bias,
+                attn.out_proj.weight_arg(), attn.out_proj.bias, self.layer_norm2.weight, self.layer_norm2.bias,
+                mlp.fc1.weight_arg(), mlp.fc1.bias, mlp.fc2.weight_arg(), mlp.fc2.bias)
 
 
 class VisionEncoder(nn.Cell):
