@@ -183,6 +183,7 @@ class VisionTransformer(nn.Cell):
         compiled graph of it that every layer shares (so a compiled call holds one layer's activations)."""
         x = self.embeddings(pixel_values, position_ids)
         mask = self.attention.mask(patch_keep)
+        direct = run_layer is self.layer_math  # PyNative: the Parameters themselves (gradients reach them)
         for layer in self.encoder.layers:
-            x = run_layer(x, mask, *as_graph_inputs(layer.weights()))
+            x = run_layer(x, mask, *(layer.weights() if direct else as_graph_inputs(layer.weights())))
         return self.post_layernorm(x)
