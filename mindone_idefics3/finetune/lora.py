@@ -29,18 +29,11 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ..errors import Idefics3Error
 from ..model.layers import linear
+from .names import DEFAULT_TARGETS, TARGET_HELP, TEXT_NAMES, VISION_NAMES  # noqa: F401
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-TEXT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VISION_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-DEFAULT_TARGETS = ",".join(TEXT_NAMES)
-TARGET_HELP = (f"comma-separated PEFT module names: text model {', '.join(TEXT_NAMES)}; the connector's 'proj'; "
-               f"vision tower 'vision.<name>' ({', '.join(VISION_NAMES)}); 'lm_head' (untied models); or "
-               "'all-linear' (every linear layer but lm_head, as PEFT)")
-
-
 @dataclass
 class ModuleSlot:
     """One of transformers' linear modules inside one of ours: rows [start, start + size) of `cell`'s output."""
@@ -134,6 +127,7 @@ class LoraPart(nn.Cell):
     """lora_A (r, in), lora_B (out, r) of one of transformers' modules."""
 
     def __init__(self, name: str, in_features: int, out_features: int, r: int, dtype=ms.float32):
+        """dtype: fp32 (the trainable weights stay fp32 over a half-precision base)."""
         super().__init__()
         self.module_name = name
         self.lora_A = Parameter(Tensor(np.zeros((r, in_features), np.float32), dtype), name=f"{name}.lora_A.weight")
@@ -153,15 +147,17 @@ class LoraAdapter(nn.Cell):
         self.scaling, self.dropout = scaling, dropout
 
     def construct(self, x: Tensor) -> Tensor:
-        outs = []
+        """x (..., in) → (..., out) in x's dtype; computed in fp32 (the LoRA weights' dtype, whatever the base's)."""
+        x32, outs = x.astype(ms.float32), []
         for size, index in self.layout:
             if index < 0:
-                outs.append(ops.zeros(x.shape[:-1] + (size,), x.dtype))
+                outs.append(ops.zeros(x.shape[:-1] + (size,), ms.float32))
                 continue
             part = self.parts[index]
-            h = ops.dropout(x, p=self.dropout, training=True) if self.dropout > 0 and self.training else x
+            h = ops.dropout(x32, p=self.dropout, training=True) if self.dropout > 0 and self.training else x32
             outs.append(linear(linear(h, part.lora_A), part.lora_B) * self.scaling)
-        return outs[0] if len(outs) == 1 else ops.cat(outs, axis=-1)
+        out = outs[0] if len(outs) == 1 else ops.cat(outs, axis=-1)
+        return out.astype(x.dtype)
 
 
 @dataclass
@@ -217,7 +213,7 @@ def attach_lora(model, slots: Sequence[ModuleSlot], r: int, alpha: float, dropou
         if slot.name not in {s.name for s in slots}:
             continue
         in_features = slot.cell.weight.shape[1]
-        part = LoraPart(slot.name, in_features, slot.size, r, slot.cell.weight.dtype)
+        part = LoraPart(slot.name, in_features, slot.size, r)
         bound = 1.0 / math.sqrt(in_features)
         part.lora_A.set_data(Tensor(rng.uniform(-bound, bound, (r, in_features)).astype(np.float32),
                                     part.lora_A.dtype))
@@ -234,6 +230,8 @@ def _attach(model, lora: Lora) -> None:
         if any(s.name in lora.parts for s in parts):
             cell.adapter = LoraAdapter([(s.size, lora.parts.get(s.name)) for s in parts], lora.scaling,
                                        lora.dropout)
+    for name, part in lora.parts.items():  # attaching renamed them relative to the Linear ("adapter.parts.0...")
+        part.lora_A.name, part.lora_B.name = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
 
 
 def detach(model) -> None:
@@ -362,7 +360,7 @@ def load_adapter(model, directory, merge_now: bool = True) -> Lora:
                 bool(config.get("use_rslora", False)))
     for name in names:
         slot = slots[name]
-        lora.parts[name] = LoraPart(name, slot.cell.weight.shape[1], slot.size, r, slot.cell.weight.dtype)
+        lora.parts[name] = LoraPart(name, slot.cell.weight.shape[1], slot.size, r)
         lora.slots[name] = slot
     lora.load_state(tensors)
     if merge_now:
