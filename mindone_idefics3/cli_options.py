@@ -76,7 +76,8 @@ def load_processor_and_model(args: argparse.Namespace) -> Tuple[Any, Any, str, f
         overrides["do_image_splitting"] = False
     processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
     t_load = time.perf_counter()
-    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device,
+                                                             adapter=getattr(args, "adapter", None))
     return processor, model, device, time.perf_counter() - t_load
 
 

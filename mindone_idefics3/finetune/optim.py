@@ -46,14 +46,14 @@ class AdamW:
         self._lr = self.optimizer.param_groups[0]["lr"]
 
     def step(self, grads: Sequence[Tensor], lr: float) -> None:
-        self._lr.set_data(Tensor(lr, ms.float32))
+        ops.assign(self._lr, Tensor(lr, ms.float32))  # an op, ordered with the update (set_data was seen late)
         self.optimizer(tuple(grads))
 
     def state(self) -> dict:
         """Moments and step count as numpy arrays (keys by parameter position)."""
-        out = {"step": self.optimizer.state_step.asnumpy().reshape(1)}
+        out = {"step": self.optimizer.state_step.asnumpy().reshape(1).copy()}  # copies: asnumpy may share memory
         for i, (m, v) in enumerate(zip(self.optimizer.exp_avg, self.optimizer.exp_avg_sq)):
-            out[f"exp_avg.{i}"], out[f"exp_avg_sq.{i}"] = m.asnumpy(), v.asnumpy()
+            out[f"exp_avg.{i}"], out[f"exp_avg_sq.{i}"] = m.asnumpy().copy(), v.asnumpy().copy()
         return out
 
     def load_state(self, state: dict) -> None:

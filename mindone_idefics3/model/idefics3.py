@@ -150,11 +150,13 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: Union[str, os.PathLike], dtype=None, *, device: Optional[str] = None,
                         cache_dir: Optional[str] = None, revision: Optional[str] = None,
-                        progress: bool = True) -> "Idefics3ForConditionalGeneration":
+                        progress: bool = True, adapter: Optional[Union[str, os.PathLike]] = None
+                        ) -> "Idefics3ForConditionalGeneration":
         """Load a Hugging Face Idefics3 checkpoint (directory or hub repo id) straight into `dtype`.
 
         dtype: ms.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'; None = bf16 on Ascend, fp32 on the CPU.
         Weights are not randomly initialised first; a checkpoint that does not match the config is refused whole.
+        adapter: a LoRA adapter directory (finetune.py's OUT, or one saved by PEFT) merged into the weights.
         """
         from ..hub import resolve_model_dir
         from ..weights import CheckpointReader, load_weights
@@ -172,6 +174,10 @@ class Idefics3ForConditionalGeneration(nn.Cell):
                      progress=progress)
         model.generation_config = _read_json(model_dir / "generation_config.json")
         model.model_dir = str(model_dir)
+        if adapter is not None:  # a lazy delegate, like `generate`: finetune/ builds on the model
+            from ..finetune.lora import load_adapter
+
+            load_adapter(model, adapter, merge_now=True)
         model.set_train(False)
         return model
 
