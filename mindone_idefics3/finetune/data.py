@@ -163,6 +163,7 @@ class Labeler:
         for start, end in blocks if spans is not None else ():  # image blocks inside an assistant turn
             labels[np.array([s >= start and e <= end and e > s for s, e in encoding.offsets], bool)] = IGNORE_INDEX
         labels[ids == proc.image_token_id] = IGNORE_INDEX
+        labels[0] = IGNORE_INDEX  # nothing in the example predicts its first token (after left padding, a pad would)
         if spans is not None and not (labels != IGNORE_INDEX).any():
             raise Idefics3Error(f"{where}: the assistant turns hold no token to learn (empty answers?)")
         sample.update(input_ids=ids[None], attention_mask=np.ones((1, len(ids)), np.int64), labels=labels[None])

@@ -75,6 +75,16 @@ class World:
         return [self._all_reduce(t) for t in tensors]
 
 
+def padding_rows(model, params: Sequence[Parameter]) -> Dict[int, int]:
+    """{position in params: row} for the token embedding's pad row: transformers builds Llama's embedding with
+    padding_idx = pad_token_id, whose gradient torch keeps at zero (full fine-tuning only)."""
+    pad = model.config.text_config.pad_token_id
+    embed = model.model.text_model.embed_tokens.weight
+    if pad is None:
+        return {}
+    return {i: int(pad) for i, p in enumerate(params) if p is embed}
+
+
 class Trainer:
     def __init__(self, model, processor, data: TrainingData, params: Sequence[Parameter], config: TrainConfig,
                  out_dir: Path, world: World = World(), train_on: str = "assistant",
@@ -94,6 +104,7 @@ class Trainer:
         self.optimizer = AdamW(self.params, config.learning_rate, config.betas, config.eps, config.weight_decay)
         self.grad_fn = ms.value_and_grad(self._loss_sum, None, self.params)
         self.step, self.skipped, self.progress, self.on_save = 0, 0, progress, on_save
+        self.pad_rows = padding_rows(model, self.params)
         self._orders: Dict[int, np.ndarray] = {}
         # The backward pass keeps every tile's activations anyway: one vision call for all tiles of a batch (the
         # inference default of one tile per call on the CPU bounds memory only without a backward pass).
@@ -166,6 +177,8 @@ class Trainer:
             raise Idefics3Error(f"step {self.step + 1}: no example of the step has a token to learn (all skipped "
                                 "as too long?); check --max-length and the data")
         grads = [g / count for g in grads]
+        for i, row in self.pad_rows.items():  # transformers' Embedding(padding_idx=pad): that row is never trained
+            grads[i][row] = 0
         grads, norm = clip_grad_norm(grads, self.cfg.max_grad_norm)
         lr = self.cfg.learning_rate * lr_factor(self.cfg.lr_scheduler, self.step, self.cfg.warmup_steps,
                                                 self.total_steps)
