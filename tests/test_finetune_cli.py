@@ -136,3 +136,51 @@ def test_command_line_entry_points(workspace):
                          cwd=ROOT)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "error: --lora-rank must be at least 1, got 0"]
+
+
+def test_merge_writes_a_full_checkpoint_that_generates_like_the_adapter(workspace, ms_cpu, capsys):
+    from mindone_idefics3.cli import main as generate
+    from mindone_idefics3.finetune.cli import main
+
+    root, model, data = workspace
+    out = root / "merge"
+    assert main(["--model", str(model), "--data", str(data), "-o", str(out), "--max-steps", "2", "--batch-size",
+                 "4", "--learning-rate", "5e-2", "--lora-dropout", "0", "--no-image-splitting", "--no-progress",
+                 "--merge"]) == 0
+    merged = sorted(p.name for p in (out / "merged").iterdir())
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "chat_template.json", "generation_config.json"):
+        assert name in merged
+    image = str(next((data.parent / "img").glob("*.png")))
+    answers = []
+    for flags in (["--model", str(model), "--adapter", str(out)], ["--model", str(out / "merged")],
+                  ["--model", str(model)]):
+        capsys.readouterr()
+        assert generate(flags + ["--image", image, "--max-new-tokens", "6", "--json", "--no-compile-cache",
+                                 "--no-image-splitting"]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["answer"])
+    assert answers[0] == answers[1]
+    assert answers[0] != answers[2]  # the adapter changed what the model says
+
+
+def test_full_fine_tuning_writes_the_model_to_out(workspace, ms_cpu):
+    from safetensors.numpy import load_file
+
+    from mindone_idefics3 import Idefics3ForConditionalGeneration
+    from mindone_idefics3.finetune.cli import main
+
+    root, model, data = workspace
+    out = root / "full"
+    assert main(["--model", str(model), "--data", str(data), "-o", str(out), "--max-steps", "1", "--batch-size",
+                 "2", "--full", "--learning-rate", "1e-3", "--no-image-splitting", "--no-progress"]) == 0
+    before, after = load_file(str(model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(before) == sorted(after)
+    for name in before:
+        same = np.array_equal(before[name], after[name])
+        if name.startswith("model.vision_model."):
+            assert same, name  # frozen without --train-vision
+        elif name in ("model.text_model.layers.0.self_attn.q_proj.weight", "lm_head.weight",
+                      "model.connector.modality_projection.proj.weight"):
+            assert not same, name
+    assert (out / "tokenizer.json").is_file() and (out / "train_log.jsonl").is_file()
+    Idefics3ForConditionalGeneration.from_pretrained(out, progress=False)

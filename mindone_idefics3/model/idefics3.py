@@ -13,7 +13,7 @@ from ..config import Idefics3Config
 from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from .connector import Connector, check_patch_grid
-from .layers import Linear, linear
+from .layers import Linear
 from .loss import causal_lm_loss
 from .llama import LlamaModel
 from .vision import VisionTransformer, patch_layout
@@ -185,13 +185,18 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     def logits(self, hidden: Tensor) -> Tensor:
         """(B, S, H) → (B, S, vocab) fp32."""
         b, s, h = hidden.shape
-        return self.project(hidden.reshape(b * s, h)).reshape(b, s, -1)
+        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
+        return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
 
     def project(self, rows: Tensor) -> Tensor:
-        """The output projection of hidden rows (N, H) → (N, vocab) fp32 (tied: the token embeddings)."""
-        if self.tied:
-            return self.lm_matmul(rows, self.model.text_model.embed_tokens.weight).astype(ms.float32)
-        return linear(rows, self.lm_head.weight_arg()).astype(ms.float32)
+        """The output projection of hidden rows (N, H) → (N, vocab) fp32 (tied: the token embeddings), with the
+        LoRA delta of lm_head while one is attached (fine-tuning; `logits`, used by compiled generation, never
+        sees one: adapters are merged for inference)."""
+        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
+        logits = self.lm_matmul(rows, weight)
+        if not self.tied and self.lm_head.adapter is not None:
+            logits = logits + self.lm_head.adapter(rows)
+        return logits.astype(ms.float32)
 
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
                      use_jit: bool = False):
@@ -248,13 +253,7 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
                                        Tensor(np.arange(s, dtype=np.int32)))
         if labels is not None:
-            targets = to_numpy(labels, "labels")
-            if targets.ndim == 1:
-                targets = targets[None]
-            if targets.shape != ids.shape or not np.issubdtype(targets.dtype, np.integer):
-                raise Idefics3Error(f"labels must be an integer array shaped like input_ids {ids.shape}, got "
-                                    f"{targets.dtype} {targets.shape}")
-            loss = causal_lm_loss(hidden, targets, self.project, num_items_in_batch)
+            loss = causal_lm_loss(hidden, self.check_labels(labels, ids.shape), self.project, num_items_in_batch)
             return Idefics3Output(self.logits(hidden) if return_logits else None, features, loss)
         if last_only:
             hidden = hidden[:, -1:]
@@ -271,6 +270,16 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         if ids.min() < 0 or ids.max() >= vocab:
             raise Idefics3Error(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
         return ids.astype(np.int32)
+
+    @staticmethod
+    def check_labels(labels: ArrayLike, shape) -> np.ndarray:
+        targets = to_numpy(labels, "labels")
+        if targets.ndim == 1:
+            targets = targets[None]
+        if targets.shape != tuple(shape) or not np.issubdtype(targets.dtype, np.integer):
+            raise Idefics3Error(f"labels must be an integer array shaped like input_ids {tuple(shape)}, got "
+                                f"{targets.dtype} {targets.shape}")
+        return targets
 
     @staticmethod
     def check_attention_mask(attention_mask: Optional[ArrayLike], shape) -> np.ndarray:
