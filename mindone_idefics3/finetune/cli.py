@@ -203,7 +203,7 @@ def run(args) -> int:
     for p in params:
         p.requires_grad = True
     if args.recompute:
-        model.model.text_model.layer_math.recompute()
+        model.model.text_model.recompute_layers = True
     model.set_train(True)
     config = TrainConfig(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
