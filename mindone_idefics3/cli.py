@@ -24,9 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python generate.py --model HuggingFaceM4/Idefics3-8B-Llama3 --image a.jpg "
                "--prompt 'Describe the image.'   |   python generate.py --demo (tiny random model, no download)")
     add_model_arguments(p, DEFAULT_MODEL)
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter to merge into the model: finetune.py's output directory, or one saved by "
-                        "PEFT (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
                    help="an image file or http(s) URL; repeat for several images (they go before the prompt)")
     p.add_argument("--prompt", default="Describe the image.", help="the question or instruction")
