@@ -9,7 +9,10 @@ micro batches gives the same update (up to float summation order).
 
 Gradients come from `mindspore.value_and_grad` over the model's PyNative forward (`model(..., labels=...)`): the
 forward prepares its inputs on the host (image tiles, masks, positions) and its shapes change with every batch,
-which a compiled `mindspore.jit` train step would recompile for (see the note in README / cli.py).
+so the whole step cannot be one compiled graph. Compiling the decoder layer alone (`jit_cell(layer_math)`, the
+prefill's graph, with the weights as inputs) ran a tiny model's step 2.4× faster on the CPU, but MindSpore 2.10
+returned the layer weights' gradients shifted by the graph's None inputs (the absent KV cache and biases): wrong
+gradients, so it is not used. AdamW's update is MindSpore's own compiled graph.
 
 Checkpoints (`OUT/checkpoint/`): the trainable weights, AdamW's moments and step, and the trainer state (step,
 examples skipped) — written to a temporary folder and renamed, so a checkpoint is whole or absent. `resume`
@@ -99,7 +102,8 @@ class Trainer:
         if config.max_steps is not None:
             self.total_steps, self.total_examples = config.max_steps, None
         else:
-            self.total_examples = int(round(config.epochs * len(data)))
+            epochs = config.epochs if config.epochs is not None else 1.0
+            self.total_examples = int(round(epochs * len(data)))
             self.total_steps = max(1, -(-self.total_examples // self.per_step))
         self.optimizer = AdamW(self.params, config.learning_rate, config.betas, config.eps, config.weight_decay)
         self.grad_fn = ms.value_and_grad(self._loss_sum, None, self.params)
