@@ -234,6 +234,16 @@ def main(argv=None) -> int:
                 print(f"{impl} {mode}: the measuring process failed (exit code {code})", file=sys.stderr)
                 continue
             rows.append(json.loads((Path(d) / "r.json").read_text()))
+            write_results(args, threads, load_at_start, rows)  # kept as measured, should a later one fail or stop
+    result = write_results(args, threads, load_at_start, rows)
+    table = markdown(result)
+    Path(args.out).with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nJSON: {args.out}")
+    return 0 if len(rows) == len(jobs) else 1
+
+
+def write_results(args, threads: int, load_at_start: float, rows: List[Dict]) -> dict:
     for r in rows:
         ref = next((x for x in rows if x["impl"] == "transformers+peft" and x["mode"] == r["mode"]
                     and x["recompute"] == r["recompute"]), None)
@@ -249,12 +259,10 @@ def main(argv=None) -> int:
                   definitions=__doc__, results=rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nJSON: {out}")
-    return 0 if len(rows) == len(jobs) else 1
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    return result
 
 
 if __name__ == "__main__":
