@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import relative_l2
-from finetune_helpers import ours_with_lora, peft_model_like
+from finetune_helpers import ours_with_lora
 from inputs import make_batch
 
 

@@ -9,7 +9,6 @@ from inputs import make_batch
 
 def test_lora_gradients_equal_peft(ckpt_a, ms_cpu):
     import mindspore as ms
-    import torch
 
     from mindone_idefics3.testing import corrected_position_ids
 

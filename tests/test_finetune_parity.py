@@ -104,7 +104,6 @@ def test_schedules_equal_transformers(kind, warmup):
 
 def test_full_fine_tuning_gradients_equal_transformers(ckpt_a, ms_cpu):
     import mindspore as ms
-    import torch
 
     from mindone_idefics3 import Idefics3ForConditionalGeneration
     from mindone_idefics3.finetune.cli import trainable_full

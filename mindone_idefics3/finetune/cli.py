@@ -171,12 +171,10 @@ def run(args) -> int:
     if args.eval_steps and eval_data is None:
         raise Idefics3Error("--eval-steps needs --eval-data")
 
-    import mindspore as ms
-
     from .. import Idefics3ForConditionalGeneration, Idefics3Processor
     from ..device import select_device
     from ..hub import resolve_model_dir
-    from .trainer import TrainConfig, Trainer, World
+    from .trainer import TrainConfig, Trainer
 
     world = init_world()
     device = select_device(args.device)
