@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # The reference implementation every parity test compares against (CPU torch wheel).
-        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1", "peft==0.21.2"],
         "plot": ["matplotlib"],
         # benchmarks/prepare_dataset.py: datasets from the Hugging Face hub. pyarrow 26 needs numpy 2, which
         # MindSpore 2.10 cannot import; 22 works with numpy 1.26.
@@ -38,6 +38,7 @@ setup(
             "idefics3-convert=mindone_idefics3.convert:main",
             "idefics3-batch=mindone_idefics3.batch.cli:main",
             "idefics3-eval=mindone_idefics3.eval.cli:main",
+            "idefics3-finetune=mindone_idefics3.finetune.cli:main",
         ]
     },
 )

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
-    """--model, --dtype, --device, --longest-edge, --no-image-splitting."""
+    """--model, --adapter, --dtype, --device, --longest-edge, --no-image-splitting."""
     if default_model is None:
         p.add_argument("--model", required=True,
                        help="model directory or Hugging Face repo id (repo ids are downloaded to the hub cache "
@@ -17,6 +17,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str]
         p.add_argument("--model", default=default_model,
                        help=f"model directory or Hugging Face repo id (default: {default_model}); repo ids are "
                             "downloaded to the hub cache unless HF_HUB_OFFLINE=1")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter merged into the model at load: finetune.py's output directory, or one saved "
+                        "by PEFT (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="weights and activations dtype (default: bf16 on Ascend, fp32 on CPU; bf16 needs Ascend)")
     p.add_argument("--device", choices=["Ascend", "CPU"], default=None,
@@ -76,7 +79,8 @@ def load_processor_and_model(args: argparse.Namespace) -> Tuple[Any, Any, str, f
         overrides["do_image_splitting"] = False
     processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
     t_load = time.perf_counter()
-    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device)
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device,
+                                                             adapter=args.adapter)
     return processor, model, device, time.perf_counter() - t_load
 
 

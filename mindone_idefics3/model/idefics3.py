@@ -14,6 +14,7 @@ from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from .connector import Connector, check_patch_grid
 from .layers import Linear
+from .loss import causal_lm_loss
 from .llama import LlamaModel
 from .vision import VisionTransformer, patch_layout
 
@@ -79,8 +80,9 @@ def prepare_vision_inputs(pixel_values: ArrayLike, pixel_attention_mask: Optiona
 
 @dataclass
 class Idefics3Output:
-    logits: Tensor  # (B, S, vocab), or (B, 1, vocab) with last_only
+    logits: Optional[Tensor]  # (B, S, vocab), or (B, 1, vocab) with last_only; None with labels (see construct)
     image_hidden_states: Optional[Tensor] = None  # (T, image_seq_len, text hidden)
+    loss: Optional[Tensor] = None  # fp32 scalar, with labels
 
 
 # Tiles per vision call: peak activation memory grows with it (~300 MB per 512-px SmolVLM tile per compiled layer
@@ -149,11 +151,13 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: Union[str, os.PathLike], dtype=None, *, device: Optional[str] = None,
                         cache_dir: Optional[str] = None, revision: Optional[str] = None,
-                        progress: bool = True) -> "Idefics3ForConditionalGeneration":
+                        progress: bool = True, adapter: Optional[Union[str, os.PathLike]] = None
+                        ) -> "Idefics3ForConditionalGeneration":
         """Load a Hugging Face Idefics3 checkpoint (directory or hub repo id) straight into `dtype`.
 
         dtype: ms.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'; None = bf16 on Ascend, fp32 on the CPU.
         Weights are not randomly initialised first; a checkpoint that does not match the config is refused whole.
+        adapter: a LoRA adapter directory (finetune.py's OUT, or one saved by PEFT) merged into the weights.
         """
         from ..hub import resolve_model_dir
         from ..weights import CheckpointReader, load_weights
@@ -171,6 +175,10 @@ class Idefics3ForConditionalGeneration(nn.Cell):
                      progress=progress)
         model.generation_config = _read_json(model_dir / "generation_config.json")
         model.model_dir = str(model_dir)
+        if adapter is not None:  # a lazy delegate, like `generate`: finetune/ builds on the model
+            from ..finetune.lora import load_adapter
+
+            load_adapter(model, adapter, merge_now=True)
         model.set_train(False)
         return model
 
@@ -180,6 +188,16 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         b, s, h = hidden.shape
         weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
         return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
+
+    def project(self, rows: Tensor) -> Tensor:
+        """The output projection of hidden rows (N, H) → (N, vocab) fp32 (tied: the token embeddings), with the
+        LoRA delta of lm_head while one is attached (fine-tuning; `logits`, used by compiled generation, never
+        sees one: adapters are merged for inference)."""
+        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
+        logits = self.lm_matmul(rows, weight)
+        if not self.tied and self.lm_head.adapter is not None:
+            logits = logits + self.lm_head.adapter(rows)
+        return logits.astype(ms.float32)
 
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
                      use_jit: bool = False):
@@ -215,12 +233,19 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     # ------------------------------------------------------------------------------------------ forward
     def construct(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                   pixel_values: Optional[ArrayLike] = None, pixel_attention_mask: Optional[ArrayLike] = None,
-                  last_only: bool = False) -> Idefics3Output:
-        """A full forward pass, no cache (see generation.py for prefill + decode).
+                  last_only: bool = False, labels: Optional[ArrayLike] = None,
+                  num_items_in_batch: Optional[float] = None, return_logits: bool = False) -> Idefics3Output:
+        """A full forward pass, no cache (see generation.py for prefill + decode); differentiable (training).
 
         input_ids (B, S) int32/int64; attention_mask (B, S), 1 = real token (left padding); pixel_values
         (B, I, 3, H, W); pixel_attention_mask (B, I, H, W). Rotary positions follow the attention mask, as
-        in transformers' generate. Returns logits (B, S, vocab) fp32 (only the last position with last_only).
+        in transformers' generate (so a row's result does not depend on how much padding the batch gives it).
+        Returns logits (B, S, vocab) fp32 (only the last position with last_only).
+
+        labels (B, S): the target token of each position, -100 where not scored; `.loss` is then transformers'
+        causal LM loss (model/loss.py), divided by num_items_in_batch when given (the labelled tokens of the
+        whole global batch) instead of this batch's count. With labels the full logits are not formed unless
+        return_logits.
         """
         ids = self.check_input_ids(input_ids)
         mask = self.check_attention_mask(attention_mask, ids.shape)
@@ -228,6 +253,9 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         s = ids.shape[1]
         hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
                                        Tensor(np.arange(s, dtype=np.int32)))
+        if labels is not None:
+            loss = causal_lm_loss(hidden, self.check_labels(labels, ids.shape), self.project, num_items_in_batch)
+            return Idefics3Output(self.logits(hidden) if return_logits else None, features, loss)
         if last_only:
             hidden = hidden[:, -1:]
         return Idefics3Output(self.logits(hidden), features)
@@ -243,6 +271,16 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         if ids.min() < 0 or ids.max() >= vocab:
             raise Idefics3Error(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
         return ids.astype(np.int32)
+
+    @staticmethod
+    def check_labels(labels: ArrayLike, shape) -> np.ndarray:
+        targets = to_numpy(labels, "labels")
+        if targets.ndim == 1:
+            targets = targets[None]
+        if targets.shape != tuple(shape) or not np.issubdtype(targets.dtype, np.integer):
+            raise Idefics3Error(f"labels must be an integer array shaped like input_ids {tuple(shape)}, got "
+                                f"{targets.dtype} {targets.shape}")
+        return targets
 
     @staticmethod
     def check_attention_mask(attention_mask: Optional[ArrayLike], shape) -> np.ndarray:

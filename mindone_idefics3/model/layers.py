@@ -11,9 +11,15 @@ from mindspore.common.initializer import initializer
 _matmul_t = ops.MatMul(transpose_b=True)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     """x @ weight.T (+ bias); weight (out, in) as in torch. A 2-D x (tokens, in) — the residual streams — needs
-    no reshape kernels around the matmul."""
+    no reshape kernels around the matmul.
+
+    weight may also be `(weight, adapter)` (`Linear.weight_arg` while an adapter is attached, e.g. LoRA in
+    finetune/lora.py): the adapter's output `adapter(x)` (..., out) is added, the frozen weight is used as is."""
+    if isinstance(weight, tuple):
+        base, adapter = weight
+        return linear(x, base, bias) + adapter(x)
     flat = x.ndim == 2
     y = _matmul_t(x if flat else x.reshape(-1, x.shape[-1]), weight)
     if bias is not None:
@@ -28,9 +34,15 @@ class Linear(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype))
         self.bias = Parameter(initializer("zeros", (out_features,), dtype)) if bias else None
+        self.adapter: Optional[nn.Cell] = None  # a trainable delta (LoRA) while fine-tuning; see `weight_arg`
+
+    def weight_arg(self):
+        """What the layer math passes to `linear`: `weight`, or (weight, adapter) while an adapter is attached
+        (training; for inference an adapter is merged into `weight` instead, so compiled graphs see tensors)."""
+        return self.weight if self.adapter is None else (self.weight, self.adapter)
 
     def construct(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight_arg(), self.bias)
 
 
 class Embedding(nn.Cell):

@@ -117,9 +117,9 @@ class LlamaDecoderLayer(nn.Cell):
         """(cache k, cache v, *weights): the arguments of `DecoderLayerMath` after the activations."""
         attn, mlp, cache = self.self_attn, self.mlp, self.self_attn.kv_cache
         return (None if cache is None else cache.k, None if cache is None else cache.v,
-                self.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                attn.o_proj.bias, self.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+                self.input_layernorm.weight, attn.qkv_proj.weight_arg(), attn.qkv_proj.bias,
+                attn.o_proj.weight_arg(), attn.o_proj.bias, self.post_attention_layernorm.weight,
+                mlp.gate_up_proj.weight_arg(), mlp.gate_up_proj.bias, mlp.down_proj.weight_arg(), mlp.down_proj.bias)
 
 
 class LlamaModel(nn.Cell):
@@ -138,6 +138,7 @@ class LlamaModel(nn.Cell):
         self.cache_shape: Optional[tuple] = None
         self.compiled_steps: dict = {}  # functions compiled against the current caches (generation.py)
         self._layer_graph = None  # the compiled `layer_math` of `prefill`, made on first use
+        self.recompute_layers = False  # gradient checkpointing per decoder layer (fine-tuning's --recompute)
         self._kept: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (caches, compiled steps), oldest first
 
     def setup_caches(self, batch: int, max_length: int) -> None:
@@ -185,8 +186,16 @@ class LlamaModel(nn.Cell):
         rope, mask, index = self.tables(position_ids, key_keep, slots, compiled, compiled and cache != "none")
         h = inputs_embeds.reshape(b * s, hidden)
         for layer in self.layers:
-            h = self.layer_math(h, rope, mask, slots, index, cache, (b, s), *layer.state())
+            if self.recompute_layers:  # training: keep only each layer's input, recompute the rest in backward
+                h = self.recompute_layer(h, rope, mask, slots, index, cache, (b, s), *layer.state())
+            else:
+                h = self.layer_math(h, rope, mask, slots, index, cache, (b, s), *layer.state())
         return self.norm(h).reshape(b, s, hidden)
+
+    def recompute_layer(self, *args):
+        """`layer_math` under `mindspore.recompute` (PyNative; non-reentrant, so gradients reach the weights and
+        LoRA adapters passed as arguments)."""
+        return ms.recompute(self.layer_math, *args, use_reentrant=False)
 
     def prefill(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor],
                 slots: Tensor, cache_keep: Optional[Tensor] = None) -> Tensor:

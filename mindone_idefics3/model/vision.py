@@ -150,9 +150,9 @@ class VisionEncoderLayer(nn.Cell):
 
     def weights(self) -> tuple:
         attn, mlp = self.self_attn, self.mlp
-        return (self.layer_norm1.weight, self.layer_norm1.bias, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                attn.out_proj.weight, attn.out_proj.bias, self.layer_norm2.weight, self.layer_norm2.bias,
-                mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return (self.layer_norm1.weight, self.layer_norm1.bias, attn.qkv_proj.weight_arg(), attn.qkv_proj.bias,
+                attn.out_proj.weight_arg(), attn.out_proj.bias, self.layer_norm2.weight, self.layer_norm2.bias,
+                mlp.fc1.weight_arg(), mlp.fc1.bias, mlp.fc2.weight_arg(), mlp.fc2.bias)
 
 
 class VisionEncoder(nn.Cell):
@@ -183,6 +183,7 @@ class VisionTransformer(nn.Cell):
         compiled graph of it that every layer shares (so a compiled call holds one layer's activations)."""
         x = self.embeddings(pixel_values, position_ids)
         mask = self.attention.mask(patch_keep)
+        direct = run_layer is self.layer_math  # PyNative: the Parameters themselves (gradients reach them)
         for layer in self.encoder.layers:
-            x = run_layer(x, mask, *as_graph_inputs(layer.weights()))
+            x = run_layer(x, mask, *(layer.weights() if direct else as_graph_inputs(layer.weights())))
         return self.post_layernorm(x)
