@@ -14,6 +14,7 @@ FORBIDDEN = {
     "ops": {"generation", "cli", "convert", "model", "processing", "serve", "finetune", "batch", "eval"},
     "processing": {"generation", "cli", "convert", "model", "ops", "serve", "finetune", "batch", "eval"},
     "generation": {"cli", "serve", "finetune", "batch", "eval"},
+    "serve": {"cli", "convert", "model", "ops", "finetune", "batch", "eval"},  # generation.py and processing/ only
 }
 
 
