@@ -229,14 +229,17 @@ async def _sse(job: Job, cid: str, created: int, model: str, include_usage: bool
 
 def _validation_to_api_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # of a union's failed branches, report the deepest (e.g. the content part's unknown type, not "not a string")
+    first = max(errors, key=lambda e: (e.get("type") == "union_tag_invalid", len(e.get("loc", ())))) if errors else {}
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}"
                              "); send a JSON object with Content-Type: application/json", code="invalid_json")
     if tuple(first.get("loc", ())) == ("body",):
         return APIError(400, "the request body must be a JSON object like {\"model\": ..., \"messages\": [...]} "
                              "sent with Content-Type: application/json", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # loc names the union branch tried ("str", "list[tagged-union[...]]"): keep the field names and indices only
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and
+                                                                        (p == "str" or "[" in p))]
     param = ".".join(loc) or None
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     where = f"{param}: " if param else ""
