@@ -28,6 +28,7 @@ import numpy as np
 
 from ..generation import generate_steps, stop_token_ids
 from ..processing.collate import collate
+from ..processing.processor import ProcessorOutput
 from ..processing.tokenizer import IncrementalDetokenizer
 from .errors import APIError
 from .metrics import Metrics
@@ -295,10 +296,15 @@ class Engine:
         rows = [Row(job, self.processor.tokenizer, self.stop_ids, metrics) for job in jobs]
         samples = [job.prepared.inputs for job in jobs]
         size = len(jobs)
-        if self.pad_batch:  # fewer distinct batch shapes → fewer graphs to compile; the extra rows are ignored
+        pad_id = self.processor.tokenizer.pad_token_id
+        if self.pad_batch:
+            # fewer distinct batch shapes → fewer graphs to compile (and fewer evicted: the model keeps the graphs
+            # of its last few cache shapes). Filler rows are one token, no image: little work, their output unread.
             size = 1 << (len(jobs) - 1).bit_length()
-            samples += [samples[0]] * (size - len(jobs))
-        inputs = collate(samples, self.processor.tokenizer.pad_token_id)
+            filler = ProcessorOutput(input_ids=np.full((1, 1), pad_id or 0, np.int64),
+                                     attention_mask=np.ones((1, 1), np.int64))
+            samples += [filler] * (size - len(jobs))
+        inputs = collate(samples, pad_id)
         sampling = [job.prepared.sampling for job in jobs] + [jobs[0].prepared.sampling.__class__()] * \
             (size - len(jobs))
         metrics.batches.inc()
