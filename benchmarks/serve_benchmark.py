@@ -1,13 +1,14 @@
 """idefics3-serve under concurrent clients: the real server (a subprocess on 127.0.0.1) with a SmolVLM-256M-shaped
 checkpoint (random weights, fp32), spoken to with the `openai` client, streamed, image + question requests.
 
-    python benchmarks/serve_benchmark.py                        # 1, 2, 4, 8 clients; 8 requests each; 96 tokens
+    python benchmarks/serve_benchmark.py                        # 1, 2, 4, 8 clients; 8 requests each; 256 tokens
     python benchmarks/serve_benchmark.py --concurrency 1,8 --requests 16 --max-tokens 128
 
 The same list of requests (one photo each, one of two short questions) is sent at each level: with 1 client they go
 one at a time; with c clients, c threads each send the next unsent request as soon as their previous answer ended
-(closed loop). Before the timed levels, one untimed burst of 1, 2, 4 and 8 requests compiles the graphs of every
-batch shape (the server pads batches to 1/2/4/8 rows), so the timed runs measure serving, not compiling.
+(closed loop). Before the timed levels, one untimed burst of 1, 2, 4 and 8 requests (each client leaves after 3
+tokens) compiles the graphs of every batch shape (the server pads batches to 1/2/4/8 rows), so the timed runs
+measure serving, not compiling.
 
 Measured per level: aggregate completion tokens/s (all requests' completion tokens / the level's wall time), time
 to first token (request sent → first streamed content) and latency (→ last chunk) p50/p95, the mean batch size
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", default="1,2,4,8", help="comma list of client counts (default 1,2,4,8)")
     p.add_argument("--requests", type=int, default=8, help="requests sent at each level (default 8)")
-    p.add_argument("--max-tokens", type=int, default=96, help="max_tokens of every request (default 96)")
+    p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of every request (default 256)")
     p.add_argument("--photo-size", default="640x480", help="WIDTHxHEIGHT of the photos (default 640x480)")
     p.add_argument("--work-dir", default=str(ROOT / "benchmarks" / ".cache"), help="checkpoint and photos")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve-smolvlm-256m-cpu.json"))
@@ -127,14 +128,21 @@ class ServerProcess:
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def one_request(client, model: str, image: str, question: str, max_tokens: int) -> Dict:
+def one_request(client, model: str, image: str, question: str, max_tokens: int, leave_after: int = 0) -> Dict:
+    """One streamed request; leave_after > 0: close the connection after that many content chunks (warm-up: the
+    server frees the row, the graphs of the shape are compiled)."""
     t0 = time.perf_counter()
-    first, usage, reason = None, None, None
+    first, usage, reason, chunks = None, None, None, 0
     stream = client.chat.completions.create(
         model=model, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                {"type": "text", "text": question}]}])
     for chunk in stream:
+        if leave_after and chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+            if chunks >= leave_after:
+                stream.close()
+                return {}
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - t0
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -217,7 +225,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for burst in tqdm([1, 2, 4, 8], desc="warm-up (compiling batch shapes 1/2/4/8)", file=sys.stderr):
             with ThreadPoolExecutor(burst) as pool:
-                list(pool.map(lambda r: one_request(client, model, r[0], r[1], args.max_tokens),
+                list(pool.map(lambda r: one_request(client, model, r[0], r[1], args.max_tokens, leave_after=3),
                               [requests[i % len(requests)] for i in range(burst)]))
         warmup = time.perf_counter() - t0
         levels = []

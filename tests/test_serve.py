@@ -127,7 +127,7 @@ def test_eight_concurrent_clients_each_get_their_answer_alone(server, client, re
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda c: ask(client, c[0], c[1], c[2]), cases))
     batches = metric(server, "idefics3_batches_total") - batches_before
-    assert batches < 8, "the requests did not share a batch"
+    assert batches <= 3, f"8 requests sent together ran in {batches} batches"
     for (question, images, max_tokens), out in zip(cases, answers):
         text, reason, prompt_tokens, completion_tokens = reference.answer(question, images, max_tokens)
         assert out.choices[0].message.content == text, question

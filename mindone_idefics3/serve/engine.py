@@ -36,7 +36,8 @@ from .prepare import PreparedRequest
 
 log = logging.getLogger("mindone_idefics3.serve")
 
-MAX_GATHER_SECONDS = 0.5  # how long a new batch waits for requests still being prepared
+MAX_GATHER_SECONDS = 2.0  # how long a new batch waits at most for requests on their way (see Engine._gather)
+GATHER_QUIET_SECONDS = 0.05  # ... and how long after the last arrival when none is being prepared
 
 
 # ----------------------------------------------------------------------------------------------- events
@@ -199,6 +200,7 @@ class Engine:
         with self._cond:
             self.check_accepting()
             self._preparing += 1
+            self._cond.notify_all()
 
     def submit(self, prepared: Optional[PreparedRequest], loop: asyncio.AbstractEventLoop) -> Optional[Job]:
         """Queue a prepared request (None: its preparation failed) and end its 'preparing' state."""
@@ -259,16 +261,25 @@ class Engine:
                     self._cond.wait()
                 if not self._waiting:
                     return None
-                deadline = time.monotonic() + MAX_GATHER_SECONDS
-                while len(self._waiting) < self.max_batch_size and self._preparing > 0 and not self._stopping:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+                self._gather()
                 batch = self._take_batch()
                 self.metrics.queue_depth.set(len(self._waiting))
                 if batch:
                     return batch
+
+    def _gather(self) -> None:
+        """Before a batch starts, let the requests that are on their way join it: wait while requests are being
+        prepared, or until no new one arrived for GATHER_QUIET_SECONDS, at most MAX_GATHER_SECONDS (a batch runs
+        for seconds to minutes; a request that just misses it waits for all of it)."""
+        now = time.monotonic()
+        deadline, quiet_until, seen = now + MAX_GATHER_SECONDS, now + GATHER_QUIET_SECONDS, len(self._waiting)
+        while len(self._waiting) < self.max_batch_size and not self._stopping:
+            now = time.monotonic()
+            if now >= deadline or (self._preparing == 0 and now >= quiet_until):
+                return
+            self._cond.wait((deadline if self._preparing else min(deadline, quiet_until)) - now)
+            if len(self._waiting) != seen:
+                seen, quiet_until = len(self._waiting), time.monotonic() + GATHER_QUIET_SECONDS
 
     def _take_batch(self) -> List[Job]:
         """Up to max_batch_size waiting jobs, oldest first, whose padded batch fits the context (the batch is
