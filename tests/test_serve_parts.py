@@ -88,3 +88,76 @@ def test_error_response_is_openai_shaped():
     r = error_response(APIError(503, "busy", code="queue_full", headers={"Retry-After": "1"}))
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.body == b'{"error":{"message":"busy","type":"service_unavailable","param":null,"code":"queue_full"}}'
+
+
+# ----------------------------------------------------------------------------------------------- the engine's batch
+class FakeProcessor:
+    tokenizer = PieceTokenizer()
+    tokenizer.pad_token_id = 0
+
+
+def make_job(loop, prompt_len, max_tokens, stop=(), seed=None):
+    inputs = {"input_ids": np.ones((1, prompt_len), np.int64), "attention_mask": np.ones((1, prompt_len), np.int64)}
+    return Job(PreparedRequest(inputs, prompt_len, max_tokens, Sampling(seed=seed), list(stop)), loop)
+
+
+def drain(loop, job):
+    loop.run_until_complete(asyncio.sleep(0))
+    out = []
+    while not job.events.empty():
+        out.append(job.events.get_nowait())
+    return out
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    from mindone_idefics3.serve import engine as engine_module
+
+    calls = []
+
+    def fake_generate_steps(model, ids, mask, pv, pam, *, max_new_tokens, seed, **kw):
+        calls.append(dict(rows=ids.shape[0], width=ids.shape[1], max_new_tokens=max_new_tokens, seed=seed))
+        if (ids == 9).any() and ids.shape[0] > 1:
+            raise RuntimeError("a row this batch cannot take")
+        for t in range(max_new_tokens):
+            yield np.array([(t + r) % 5 for r in range(ids.shape[0])])  # row r: tokens r, r+1, ... (4 = " Bye")
+
+    monkeypatch.setattr(engine_module, "generate_steps", fake_generate_steps)
+    e = engine_module.Engine(lambda: None, max_batch_size=8)
+    e.processor, e.stop_ids = FakeProcessor(), np.array([EOS])
+    e.calls = calls
+    return e
+
+
+def test_rows_stop_independently_and_the_batch_is_padded_to_a_power_of_two(engine):
+    loop = asyncio.new_event_loop()
+    jobs = [make_job(loop, 3, 2), make_job(loop, 5, 4, seed=11), make_job(loop, 4, 6, stop=["!"])]
+    engine.run_batch(jobs)
+    assert engine.calls == [dict(rows=4, width=5, max_new_tokens=6, seed=[None, 11, None, None])]
+    events = [drain(loop, j) for j in jobs]
+    assert "".join(texts(events[0])) == "Hello W" and events[0][-1] == Finished("length", 3, 2)
+    assert "".join(texts(events[1])) == "lo World! Bye" and events[1][-1] == Finished("length", 5, 4)
+    assert "".join(texts(events[2])) == "orld" and events[2][-1] == Finished("stop", 4, 2)  # "!" is a stop string
+    loop.close()
+
+
+def test_a_cancelled_row_is_freed_and_the_batch_ends_with_its_last_row(engine):
+    loop = asyncio.new_event_loop()
+    jobs = [make_job(loop, 3, 50), make_job(loop, 3, 3)]
+    jobs[0].cancel()  # its client went away: freed at the first step, nothing posted
+    engine.run_batch(jobs)
+    assert drain(loop, jobs[0]) == []
+    assert drain(loop, jobs[1])[-1] == Finished("length", 3, 3)
+    text = Metrics.render(engine.metrics).decode()
+    assert 'idefics3_finished_rows_total{reason="cancelled"} 1.0' in text
+    loop.close()
+
+
+def test_a_batch_that_fails_before_its_first_token_is_retried_request_by_request(engine):
+    loop = asyncio.new_event_loop()
+    good, bad = make_job(loop, 3, 2), make_job(loop, 3, 2)
+    bad.prepared.inputs["input_ids"][0, 0] = 9  # the fake generate_steps refuses a batch holding this row
+    engine.run_batch([good, bad])
+    assert [c["rows"] for c in engine.calls] == [2, 1, 1]
+    assert drain(loop, good)[-1] == Finished("length", 3, 2)
+    loop.close()

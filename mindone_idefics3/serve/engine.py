@@ -32,7 +32,7 @@ from ..processing.processor import ProcessorOutput
 from ..processing.tokenizer import IncrementalDetokenizer
 from .errors import APIError
 from .metrics import Metrics
-from .prepare import PreparedRequest
+from .prepare import PreparedRequest, Sampling
 
 log = logging.getLogger("mindone_idefics3.serve")
 
@@ -121,6 +121,12 @@ class Row:
         self.metrics.finished.labels("error").inc()
         self.job.post(Failed(message))
 
+    def finish_early(self) -> None:
+        """The batch's generation ended before this row's own end (it cannot in practice: every row stops at a
+        stop id, which the row sees first)."""
+        self.text += self.detok.flush()
+        self._finish("stop" if self.count < self.job.prepared.max_tokens else "length")
+
     def _cut_at_stop_string(self) -> bool:
         if not self.stops:
             return False
@@ -161,13 +167,12 @@ class Engine:
     """Owns the model on one worker thread. `load` runs on that thread; `ready` is set once the model answers."""
 
     def __init__(self, load: Callable[[], tuple], *, max_batch_size: int = 8, max_queue: int = 64,
-                 pad_batch_to_power_of_two: bool = True, use_jit: bool = True,
-                 metrics: Optional[Metrics] = None, warmup: Optional[Callable[["Engine"], None]] = None):
+                 pad_batch_to_power_of_two: bool = True, metrics: Optional[Metrics] = None):
         """load: () -> (model, processor) on the worker thread (MindSpore is set up there). The processor decodes
         the answers; requests are prepared elsewhere (see prepare.py)."""
-        self._load, self._warmup = load, warmup
+        self._load = load
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.pad_batch, self.use_jit = pad_batch_to_power_of_two, use_jit
+        self.pad_batch = pad_batch_to_power_of_two
         self.metrics = metrics or Metrics()
         self.model = self.processor = None
         self.ready = threading.Event()
@@ -177,7 +182,6 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="idefics3-engine", daemon=True)
-        self.on_step: Optional[Callable[[List[Row]], None]] = None  # test hook: called after each decode step
 
     # ------------------------------------------------------------------------------------------- HTTP side
     def start(self) -> None:
@@ -235,8 +239,6 @@ class Engine:
     def _main(self) -> None:
         try:
             self.model, self.processor = self._load()
-            if self._warmup is not None:
-                self._warmup(self)
         except Exception as e:  # noqa: BLE001 - reported through /health and every request
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed:\n%s", traceback.format_exc())
@@ -302,33 +304,50 @@ class Engine:
         return batch
 
     def run_batch(self, jobs: List[Job]) -> None:
-        """Generate for `jobs` as one batch; every job gets its Delta events and one Finished (or Failed)."""
+        """Generate for `jobs` as one batch; every job gets its Delta events and one Finished (or Failed). A batch
+        that fails before its first token is retried request by request, so only the request at fault fails."""
+        rows = [Row(job, self.processor.tokenizer, self.stop_ids, self.metrics) for job in jobs]
+        try:
+            self._generate(rows)
+        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
+            if len(rows) > 1 and all(row.count == 0 and not row.done for row in rows):
+                log.warning("batch of %d failed before its first token (%s: %s); retrying its requests one by one",
+                            len(rows), type(e).__name__, e)
+                for job in jobs:
+                    self.run_batch([job])
+                return
+            log.error("batch of %d failed:\n%s", len(rows), traceback.format_exc())
+            for row in rows:
+                if not row.done:
+                    row.fail(f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            self.metrics.running.set(0)
+            self.metrics.batch_size.set(0)
+
+    def _generate(self, rows: List[Row]) -> None:
+        jobs = [row.job for row in rows]
         metrics = self.metrics
-        rows = [Row(job, self.processor.tokenizer, self.stop_ids, metrics) for job in jobs]
         samples = [job.prepared.inputs for job in jobs]
-        size = len(jobs)
+        sampling = [job.prepared.sampling for job in jobs]
         pad_id = self.processor.tokenizer.pad_token_id
         if self.pad_batch:
             # fewer distinct batch shapes → fewer graphs to compile (and fewer evicted: the model keeps the graphs
             # of its last few cache shapes). Filler rows are one token, no image: little work, their output unread.
-            size = 1 << (len(jobs) - 1).bit_length()
-            filler = ProcessorOutput(input_ids=np.full((1, 1), pad_id or 0, np.int64),
-                                     attention_mask=np.ones((1, 1), np.int64))
-            samples += [filler] * (size - len(jobs))
+            fillers = (1 << (len(jobs) - 1).bit_length()) - len(jobs)
+            samples += [ProcessorOutput(input_ids=np.full((1, 1), pad_id or 0, np.int64),
+                                        attention_mask=np.ones((1, 1), np.int64))] * fillers
+            sampling += [Sampling()] * fillers
         inputs = collate(samples, pad_id)
-        sampling = [job.prepared.sampling for job in jobs] + [jobs[0].prepared.sampling.__class__()] * \
-            (size - len(jobs))
         metrics.batches.inc()
-        metrics.batch_size.set(size)
+        metrics.batch_size.set(len(samples))
         metrics.running.set(len(jobs))
-        for job in jobs:
-            metrics.prompt_tokens.inc(job.prepared.prompt_tokens)
+        metrics.prompt_tokens.inc(sum(job.prepared.prompt_tokens for job in jobs))
         steps = generate_steps(
             self.model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
             inputs.get("pixel_attention_mask"), max_new_tokens=max(job.prepared.max_tokens for job in jobs),
             do_sample=[s.do_sample for s in sampling], temperature=[s.temperature for s in sampling],
-            top_p=[s.top_p for s in sampling], top_k=[0] * size, seed=[s.seed for s in sampling],
-            use_jit=self.use_jit)
+            top_p=[s.top_p for s in sampling], top_k=[0] * len(samples), seed=[s.seed for s in sampling],
+            use_jit=True)
         try:
             for tokens in steps:
                 for r, row in enumerate(rows):
@@ -339,20 +358,10 @@ class Engine:
                     else:
                         row.add(int(tokens[r]))
                 metrics.running.set(sum(not row.done for row in rows))
-                if self.on_step is not None:
-                    self.on_step(rows)
                 if all(row.done for row in rows):
                     break
-        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
-            log.error("batch of %d failed:\n%s", len(jobs), traceback.format_exc())
-            for row in rows:
-                if not row.done:
-                    row.fail(f"generation failed: {type(e).__name__}: {e}")
         finally:
             steps.close()
-            for row in rows:  # generate_steps ended (every row hit a stop id) before a row's own end
-                if not row.done:
-                    row.text += row.detok.flush()
-                    row._finish("stop" if row.count < row.job.prepared.max_tokens else "length")
-            metrics.running.set(0)
-            metrics.batch_size.set(0)
+        for row in rows:  # generate_steps ended (every row hit a stop id) before a row's own end
+            if not row.done:
+                row.finish_early()
