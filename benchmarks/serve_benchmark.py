@@ -6,7 +6,7 @@ checkpoint (random weights, fp32), spoken to with the `openai` client, streamed,
 
 The same list of requests (one photo each, one of two short questions) is sent at each level: with 1 client they go
 one at a time; with c clients, c threads each send the next unsent request as soon as their previous answer ended
-(closed loop). Before the timed levels, one untimed burst of 1, 2, 4 and 8 requests (each client leaves after 3
+(closed loop). Before the timed levels, one untimed burst of 1, 2, 4 and 8 requests (each client leaves after 2
 tokens) compiles the graphs of every batch shape (the server pads batches to 1/2/4/8 rows), so the timed runs
 measure serving, not compiling.
 
@@ -128,21 +128,29 @@ class ServerProcess:
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def one_request(client, model: str, image: str, question: str, max_tokens: int, leave_after: int = 0) -> Dict:
-    """One streamed request; leave_after > 0: close the connection after that many content chunks (warm-up: the
-    server frees the row, the graphs of the shape are compiled)."""
+def messages(image: str, question: str) -> List[Dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": question}]}]
+
+
+def warm_up_request(base: str, model: str, image: str, question: str, max_tokens: int) -> None:
+    """A streamed request left after 3 chunks: the server frees the row; the graphs of its shape are compiled.
+    (httpx, not the openai client: closing an openai stream early prints ignored exceptions in openai 3.x.)"""
+    import httpx
+
+    body = dict(model=model, max_tokens=max_tokens, temperature=0, stream=True, messages=messages(image, question))
+    with httpx.stream("POST", base + "/chat/completions", json=body, timeout=3600) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 6:  # role chunk, blank line, two content chunks
+                return
+
+
+def one_request(client, model: str, image: str, question: str, max_tokens: int) -> Dict:
     t0 = time.perf_counter()
-    first, usage, reason, chunks = None, None, None, 0
-    stream = client.chat.completions.create(
-        model=model, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                               {"type": "text", "text": question}]}])
+    first, usage, reason = None, None, None
+    stream = client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, messages=messages(image, question))
     for chunk in stream:
-        if leave_after and chunk.choices and chunk.choices[0].delta.content:
-            chunks += 1
-            if chunks >= leave_after:
-                stream.close()
-                return {}
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - t0
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -225,7 +233,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for burst in tqdm([1, 2, 4, 8], desc="warm-up (compiling batch shapes 1/2/4/8)", file=sys.stderr):
             with ThreadPoolExecutor(burst) as pool:
-                list(pool.map(lambda r: one_request(client, model, r[0], r[1], args.max_tokens, leave_after=3),
+                list(pool.map(lambda r: warm_up_request(server.base, model, r[0], r[1], args.max_tokens),
                               [requests[i % len(requests)] for i in range(burst)]))
         warmup = time.perf_counter() - t0
         levels = []
