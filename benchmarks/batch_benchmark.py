@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import throughput  # noqa: E402  (the preset weights, machine description and RSS helpers live there)
+from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
+from bench.memory import peak_rss_mb  # noqa: E402
+from bench.presets import ensure_preset  # noqa: E402
 
 PRESET = "smolvlm-256m"
 TILE, LONGEST_EDGE, IMAGE_SEQ_LEN = 512, 2048, 64  # SmolVLM-256M's processor: 512-px tiles, 4 x 512, 64 tokens
@@ -63,28 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------- inputs
 def batch_checkpoint(work_dir: Path) -> Path:
-    """The preset's weights (linked, not copied) with a tokenizer, processor and chat template of SmolVLM's image
-    settings; the special token ids in config.json are the tokenizer's."""
-    from mindone_idefics3.demo import build_tokenizer, special_token_ids, write_processor_files
-
-    weights = throughput.ensure_preset(PRESET, work_dir)
-    path = work_dir / f"{PRESET}-batch"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    for f in weights.iterdir():
-        if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json":
-            (path / f.name).symlink_to(f.resolve())
-    tok = build_tokenizer()
-    ids = special_token_ids(tok)
-    config = json.loads((weights / "config.json").read_text())
-    eos, pad = ids["<|end_of_text|>"], ids["<|finetune_right_pad_id|>"]
-    config.update(image_token_id=ids["<image>"], pad_token_id=pad)
-    config["text_config"].update(bos_token_id=ids["<|begin_of_text|>"], eos_token_id=eos, pad_token_id=pad)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps(dict(
-        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=[eos, ids["<end_of_utterance>"]], pad_token_id=pad)))
-    write_processor_files(path, tok, tile=TILE, longest_edge=LONGEST_EDGE, image_seq_len=IMAGE_SEQ_LEN,
-                          max_length=config["text_config"]["max_position_embeddings"])
+    """The preset's checkpoint: random weights with the demo tokenizer and SmolVLM-256M's processor settings
+    (512-px tiles, longest edge 4 x 512, 64 tokens per tile); the special token ids in config.json are the
+    tokenizer's (bench.presets writes it so)."""
+    path = ensure_preset(PRESET, work_dir)
+    proc = json.loads((path / "preprocessor_config.json").read_text())
+    seq = json.loads((path / "processor_config.json").read_text())["image_seq_len"]
+    if (proc["max_image_size"]["longest_edge"], proc["size"]["longest_edge"], seq) != (TILE, LONGEST_EDGE,
+                                                                                       IMAGE_SEQ_LEN):
+        raise RuntimeError(f"preset {PRESET} at {path} no longer has SmolVLM-256M's processor settings "
+                           f"(tiles of {TILE} px, longest edge {LONGEST_EDGE}, {IMAGE_SEQ_LEN} tokens per tile)")
     return path
 
 
@@ -184,7 +173,7 @@ def summary(passes, job: dict) -> dict:
     return dict(impl=job["impl"], batch=job["batch"], rows=len(records), seconds=round(seconds, 2),
                 cold_seconds=round(cold_s, 2), completion_tokens=tokens, rows_per_s=round(len(records) / seconds, 3),
                 tokens_per_s=round(tokens / seconds, 2), errors=sum("error" in r for r in records),
-                peak_rss_mb=round(throughput.peak_rss_mb()), answers={str(r["id"]): r.get("answer") for r in records})
+                peak_rss_mb=round(peak_rss_mb()), answers={str(r["id"]): r.get("answer") for r in records})
 
 
 def child_main(job_path: Path) -> int:
@@ -251,10 +240,10 @@ def main(argv=None) -> int:
             r["tokens_per_s_vs_transformers"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
     import importlib.metadata as md
 
-    machine = dict(throughput.machine_description(threads, "CPU"), torch=md.version("torch"),
+    machine = dict(describe(threads, "CPU"), torch=md.version("torch"),
                    transformers=md.version("transformers"), load_average_1min_at_start=load_at_start,
                    load_average_1min_at_end=os.getloadavg()[0])
-    result = dict(machine=machine, threads=threads, checkpoint_shapes=f"{PRESET} (throughput.py preset)",
+    result = dict(machine=machine, threads=threads, checkpoint_shapes=f"{PRESET} (benchmarks/bench/presets.py)",
                   rows_per_pass=args.rows, photo_size=f"{args.width}x{args.height}", new_tokens=args.new_tokens,
                   image_tiles=("split into 512-px tiles + a global view (SmolVLM's default)" if args.image_splitting
                                else "one 512-px tile per photo (--no-image-splitting)"),

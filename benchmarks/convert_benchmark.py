@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import ROOT
+from bench.machine import cpu_model, meminfo_bytes
+from bench.processes import evict, run_measured
 
 RSS_LIMIT = 1.5e9
 
@@ -87,51 +87,25 @@ def synthesise(path: Path, config: dict, shapes: dict, shard_bytes: int, seed: i
     return sum(t.nbytes for t in tensors)
 
 
-def evict(directory: Path) -> None:
-    """Drop a directory's files from the page cache (no root needed for files we can open)."""
-    for f in directory.iterdir():
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-# Starts the converter and reports its rusage. A lean parent matters: a child's ru_maxrss starts from the RSS of
-# the process that forked it (this script holds torch and MindSpore), so the converter is not forked from here.
-LAUNCHER = """import json, os, subprocess, sys
-proc = subprocess.Popen(sys.argv[1:])
-_, status, usage = os.wait4(proc.pid, 0)
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss": usage.ru_maxrss * 1024}), file=sys.stderr)
-"""
-
-
 def run_conversion(src: Path, dst: Path, dtype: str, verify: bool) -> dict:
-    cmd = [sys.executable, "-c", LAUNCHER, sys.executable, "-m", "mindone_idefics3.convert", str(src), str(dst),
-           "--dtype", dtype, "--no-progress", "--verify" if verify else "--no-verify"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    launcher = json.loads(proc.stderr.strip().splitlines()[-1])
-    if launcher["rc"] != 0:
-        raise SystemExit(f"conversion failed ({launcher['rc']}):\n{proc.stderr}")
+    cmd = [sys.executable, "-m", "mindone_idefics3.convert", str(src), str(dst), "--dtype", dtype, "--no-progress",
+           "--verify" if verify else "--no-verify"]
+    proc = run_measured(cmd, cwd=ROOT)
+    if proc.rc != 0:
+        raise SystemExit(f"conversion failed ({proc.rc}):\n{proc.stderr}")
     summary = proc.stdout.strip().splitlines()[-1]
     seconds = float(re.search(r", ([\d.]+) s \(", summary).group(1))
     manifest = json.loads((dst / "conversion_manifest.json").read_text())
     return dict(dtype=dtype, verify=verify, tensors=manifest["tensors"], shards=len(manifest["weight_files"]),
                 bytes_in=manifest["bytes_in"], bytes_out=manifest["bytes_out"], seconds=seconds,
-                gb_per_s=manifest["bytes_in"] / seconds / 1e9, wall_seconds=wall,
-                peak_rss_bytes=launcher["maxrss"], summary=summary)
+                gb_per_s=manifest["bytes_in"] / seconds / 1e9, wall_seconds=proc.wall_s,
+                peak_rss_bytes=proc.peak_rss_bytes, summary=summary)
 
 
 def machine() -> dict:
     import mindspore
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), ram_gb=round(mem / 1e9, 1),
+    return dict(cpu=cpu_model(), cores=len(os.sched_getaffinity(0)), ram_gb=round(meminfo_bytes("MemTotal") / 1e9, 1),
                 python=platform.python_version(), numpy=np.__version__, mindspore=mindspore.__version__,
                 platform=platform.platform())
 

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(p, default_max_new_tokens=500)
     p.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object (answer, token counts, timings) on stdout instead of text")
+                   help="print one JSON object (answer, token counts, the new token ids, timings) on "
+                        "stdout instead of text")
     p.add_argument("--no-jit", action="store_true",
                    help="decode in PyNative mode instead of a compiled step (slow; for debugging)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
@@ -84,11 +85,14 @@ def _answer(args: argparse.Namespace) -> int:
     import_seconds = time.perf_counter() - t_start
 
     select_device(args.device)
+    t_images = time.perf_counter()
     images = [load_image(src) for src in args.image]  # bad images fail before the slow model load
     processor, model, device, load_seconds = load_processor_and_model(args)
     messages = question_turns(args.prompt, len(images), args.system)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[images] if images else None, return_tensors="np")
+    # reading the images, loading the processor and running the prompt through it: all but the model's load
+    processor_seconds = time.perf_counter() - t_images - load_seconds
     gen_kwargs = dict(generation_options(args), use_jit=not args.no_jit)
     cache_dir = None
     if not (args.no_compile_cache or args.no_jit):
@@ -110,14 +114,16 @@ def _answer(args: argparse.Namespace) -> int:
     answer = "".join(pieces)
     report = dict(model=args.model, device=device, dtype=dtype_label(args, device),
                   prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens,
-                  import_seconds=round(import_seconds, 3), load_seconds=round(load_seconds, 3),
+                  import_seconds=round(import_seconds, 3), processor_seconds=round(processor_seconds, 3),
+                  load_seconds=round(load_seconds, 3),
                   time_to_first_token=round(stats.time_to_first_token, 3),
                   vision_seconds=round(stats.vision_seconds, 3), prefill_seconds=round(stats.prefill_seconds, 3),
                   first_step_seconds=round(stats.first_step_seconds, 3),
                   decode_tokens_per_second=round(stats.decode_tokens_per_second, 2),
                   decode_seconds=round(stats.decode_seconds, 3), peak_host_memory_mb=round(peak_rss_mb(), 1),
                   total_seconds=round(time.perf_counter() - t_start, 3),
-                  compile_cache=None if cache_dir is None else str(cache_dir))
+                  compile_cache=None if cache_dir is None else str(cache_dir),
+                  new_ids=[int(t[0]) for t in stats.new_ids])
     if device == "Ascend":
         import mindspore as ms
 

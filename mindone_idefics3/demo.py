@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -75,12 +75,41 @@ def special_token_ids(tok) -> Dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
+def write_random_model(path: Union[str, Path], vision: dict, text: dict, scale: int, *, longest_edge: int,
+                       dtype=np.float32, seed: int = 0) -> Path:
+    """A random-weight checkpoint that both processors (ours and transformers') and both generates can run on, for
+    benchmarks: config and weights whose special token ids are `build_tokenizer`'s (bos, eos, pad, `<image>`;
+    generation stops on eos and `<end_of_utterance>`), then the processor files of `write_processor_files` with
+    left padding and input_ids/attention_mask only (transformers' tokenizer pads right and returns token_type_ids
+    by default, which Idefics3's generate refuses). `text` without vocab_size gets the tokenizer's."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    ids = special_token_ids(tok)
+    text = dict(text, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"],
+                pad_token_id=ids["<|finetune_right_pad_id|>"])
+    text.setdefault("vocab_size", tok.get_vocab_size())
+    if text["vocab_size"] < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {text['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()}")
+    write_random_checkpoint(path, vision, text, scale, ids["<image>"], seed=seed, dtype=dtype,
+                            eos_token_ids=[text["eos_token_id"], ids["<end_of_utterance>"]])
+    write_processor_files(path, tok, tile=vision["image_size"], longest_edge=longest_edge,
+                          image_seq_len=(vision["image_size"] // vision["patch_size"] // scale) ** 2,
+                          max_length=text["max_position_embeddings"], padding_side="left",
+                          model_input_names=["input_ids", "attention_mask"])
+    return path
+
+
 def write_processor_files(path: Union[str, Path], tok, *, tile: int, longest_edge: int, image_seq_len: int,
-                          max_length: int) -> None:
+                          max_length: int, padding_side: Optional[str] = None,
+                          model_input_names: Optional[List[str]] = None) -> None:
     """The processor side of a checkpoint for a `build_tokenizer` tokenizer: tokenizer.json and its configs,
     preprocessor_config.json (tiles of `tile` px, images resized to `longest_edge` first), processor_config.json
-    and chat_template.json (Idefics3's template)."""
+    and chat_template.json (Idefics3's template). `padding_side` and `model_input_names`, when given, go into
+    tokenizer_config.json (unset, transformers' tokenizer pads right and also returns token_type_ids)."""
     path = Path(path)
+    extra = {k: v for k, v in dict(padding_side=padding_side, model_input_names=model_input_names).items()
+             if v is not None}
     tok.save(str(path / "tokenizer.json"))
     _write_json(path / "preprocessor_config.json", dict(
         image_processor_type="Idefics3ImageProcessor", processor_class="Idefics3Processor", do_convert_rgb=True,
@@ -91,7 +120,7 @@ def write_processor_files(path: Union[str, Path], tok, *, tile: int, longest_edg
     _write_json(path / "chat_template.json", dict(chat_template=IDEFICS3_CHAT_TEMPLATE))
     _write_json(path / "tokenizer_config.json", dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-        pad_token="<|finetune_right_pad_id|>", model_max_length=max_length,
+        pad_token="<|finetune_right_pad_id|>", model_max_length=max_length, **extra,
         added_tokens_decoder={str(tok.token_to_id(t)): dict(content=t, special=True, lstrip=False, rstrip=False,
                                                             normalized=False, single_word=False)
                               for t in SPECIAL_TOKENS + ROW_COL_TOKENS}))

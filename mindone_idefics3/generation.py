@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -135,6 +135,7 @@ class GenerationStats:
     first_step_seconds: float = 0.0  # the first decode step (includes compiling it, when not cached yet)
     decode_seconds: float = 0.0  # the decode steps after the first
     decode_steps: int = 0
+    new_ids: List[np.ndarray] = field(default_factory=list)  # each step's new tokens, (B,) int64
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -190,7 +191,10 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     key_keep[:, :slots] = mask.astype(bool)
     args = (embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
             Tensor(np.arange(slots, dtype=np.int32)))
-    hidden = text.prefill(*args) if use_jit else text(*args, "fill", False)
+    if use_jit:
+        hidden = text.prefill(*args, cache_keep=None if key_keep.all() else Tensor(key_keep))
+    else:
+        hidden = text(*args, "fill", False)
     logits = model.logits(hidden[:, -1:])[:, -1]
     if stats is not None:
         synchronize(logits)
@@ -270,6 +274,7 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
         finished |= np.isin(token, stop)
         sequences = np.concatenate([sequences, token[:, None]], axis=1)
         stats.new_tokens = t + 1
+        stats.new_ids.append(token)
         yield token
         if finished.all() or t == max_new_tokens - 1:
             break

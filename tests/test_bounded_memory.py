@@ -92,3 +92,25 @@ def test_long_prompt_through_blocks_equals_the_reference(ckpt_a, model_a, monkey
     ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(8), images_per_row=[2], text_lens=[40])
     got = model_a(ids, mask, pv, pam).logits.asnumpy()
     assert relative_l2(got, reference_logits(ckpt_a, ids, mask, pv, pam)) < 1e-5
+
+
+def test_prefill_in_chunks_equals_one_call_and_the_reference(ckpt_a, model_a, monkeypatch):
+    """Eager prefill in chunks of 64 tokens attending over the cache (forced by a small score budget) = the whole
+    prompt in one call = transformers, with left padding; and a generated continuation is unchanged."""
+    from mindone_idefics3.generation import generate
+
+    ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(9), images_per_row=[2, 1], text_lens=[150, 60])
+    ids = ids.astype(np.int32)
+    text = model_a.model.text_model
+    ref = reference_logits(ckpt_a, ids, mask, pv, pam)[:, -1]
+    whole, _ = prefill(model_a, ids, mask, pv, pam, cache_len=512, use_jit=True)
+    whole_tokens = generate(model_a, ids, mask, pv, pam, max_new_tokens=6)
+    assert text.prefill_chunk(2, 320) == 320  # the default budget takes these prompts whole
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 512 * 64)  # chunks of 64 at 512 cache slots
+    text.setup_caches(2, 512)
+    slots = -(-ids.shape[1] // 64) * 64
+    assert slots >= 192 and text.prefill_chunk(2, slots) == 64  # three chunks or more
+    chunked, _ = prefill(model_a, ids, mask, pv, pam, cache_len=512, use_jit=True)
+    assert relative_l2(chunked.asnumpy(), whole.asnumpy()) < 1e-5
+    assert relative_l2(chunked.asnumpy(), ref) < 1e-5
+    np.testing.assert_array_equal(generate(model_a, ids, mask, pv, pam, max_new_tokens=6), whole_tokens)

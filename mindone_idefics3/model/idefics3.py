@@ -73,7 +73,8 @@ def prepare_vision_inputs(pixel_values: ArrayLike, pixel_attention_mask: Optiona
     if not real.any():
         return None
     patch_keep, position_ids = patch_layout(keep[real], patch_size, patches_per_side)
-    return VisionInputs(np.ascontiguousarray(tiles[real]), patch_keep, position_ids)
+    # No padding image (one image per row, or as many in every row): the tiles themselves, not a copy of them.
+    return VisionInputs(np.ascontiguousarray(tiles if real.all() else tiles[real]), patch_keep, position_ids)
 
 
 @dataclass

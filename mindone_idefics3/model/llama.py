@@ -16,17 +16,19 @@ from collections import OrderedDict
 from typing import Optional
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
 from ..device import as_graph_inputs, jit_cell
-from ..ops import kernels
-from ..ops.attention import make_attention
+from ..ops import attention as attention_ops, kernels
+from ..ops.attention import EagerAttention, make_attention
 from ..ops.kv_cache import KVCache, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from .layers import Embedding, Linear, linear
 
+PREFILL_CHUNK_MULTIPLE = 64  # eager prefill chunks are multiples of this (= generation's PREFILL_BUCKET)
 KEPT_CACHE_SHAPES = 4  # cache shapes (with their compiled graphs) kept alive, the current one included
 
 
@@ -187,20 +189,58 @@ class LlamaModel(nn.Cell):
         return self.norm(h).reshape(b, s, hidden)
 
     def prefill(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor],
-                slots: Tensor) -> Tensor:
+                slots: Tensor, cache_keep: Optional[Tensor] = None) -> Tensor:
         """`construct` with cache "fill", driven from the host one layer at a time through one compiled graph of
-        `layer_math` that every layer shares (their weights and caches are its inputs, compiled once per prompt
-        shape), so a compiled call holds one layer's activations whatever the number of layers. Returns (B, S, H).
+        `layer_math` that every layer shares (their weights and caches are its inputs), so a compiled call holds
+        one layer's activations whatever the number of layers. Returns (B, S, H).
+
+        With eager attention the prompt also goes in chunks of `prefill_chunk` tokens (outer loop; the layers
+        inner): each chunk writes its keys and values and attends over the cache (cache "decode": the earlier
+        chunks, itself causally), so a call holds one chunk's scores — with a mask, MindSpore 2.10's CPU graphs
+        keep the intermediates of every query block of a call alive (a 3,072-token causal attention: +1.9 GB
+        compiled vs +0.2 GB eager), which made prefill memory grow with the prompt. One graph serves every chunk.
+        cache_keep: (B, L) bool, the keys of the whole cache that may be attended (the prompt's mask, then every
+        later slot); None when none is padded. slots must be 0..S-1 (a prefill starts the cache).
         """
         if self._layer_graph is None:
             self._layer_graph = jit_cell(self.layer_math)
         b, s, hidden = inputs_embeds.shape
-        rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
-        rope = ms.mutable(rope)  # tensors in a tuple input are constants to jit (a recompile per new value) unless so
+        chunk = self.prefill_chunk(b, s)
         h = inputs_embeds.reshape(b * s, hidden)
-        for layer in self.layers:
-            h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s), *as_graph_inputs(layer.state()))
-        return self.norm(h).reshape(b, s, hidden)
+        if chunk == s:
+            rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
+            rope = ms.mutable(rope)  # tensors in a tuple input are graph constants (a recompile per value) else
+            for layer in self.layers:
+                h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s),
+                                      *as_graph_inputs(layer.state()))
+            return self.norm(h).reshape(b, s, hidden)
+        if cache_keep is None:
+            cache_keep = Tensor(np.ones((b, self.cache_shape[1]), np.bool_))
+        h = h.reshape(b, s, hidden)
+        outs = []
+        for start in range(0, s, chunk):
+            part = slice(start, start + chunk)
+            rope, mask, index = self.tables(position_ids[:, part], cache_keep, slots[part], False, True)
+            rope = ms.mutable(rope)
+            x = h[:, part].reshape(b * chunk, hidden)
+            for layer in self.layers:
+                x = self._layer_graph(x, rope, mask, slots[part], index, "decode", (b, chunk),
+                                      *as_graph_inputs(layer.state()))
+            outs.append(x.reshape(b, chunk, hidden))
+        return self.norm(ops.cat(outs, axis=1))
+
+    def prefill_chunk(self, batch: int, length: int) -> int:
+        """Tokens per prefill call: the whole prompt with fused attention kernels (no scores in memory); with
+        eager attention the largest multiple of PREFILL_CHUNK_MULTIPLE that divides `length` and keeps a call's
+        scores (batch · heads · chunk · cache length) within SCORE_BLOCK_ELEMENTS (at least one multiple)."""
+        if not isinstance(self.attention, EagerAttention) or length % PREFILL_CHUNK_MULTIPLE:
+            return length
+        budget = attention_ops.SCORE_BLOCK_ELEMENTS // (batch * self.cfg.num_attention_heads * self.cache_shape[1])
+        chunk = PREFILL_CHUNK_MULTIPLE
+        for n in range(PREFILL_CHUNK_MULTIPLE, min(budget, length) + 1, PREFILL_CHUNK_MULTIPLE):
+            if length % n == 0:
+                chunk = n
+        return chunk
 
     def tables(self, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor, in_graph: bool,
                graph_writes: bool):
