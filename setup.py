@@ -26,7 +26,12 @@ setup(
     ],
     extras_require={
         # The reference implementation every parity test compares against (CPU torch wheel).
-        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1", "peft==0.21.2"],
+        # peft: the LoRA reference and adapter format of the fine-tuning tests. The server tests start the real
+        # server (the serve extra) and talk to it with the openai client and httpx.
+        "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1", "peft==0.21.2",
+                 "openai>=1.40", "httpx>=0.27", "fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus_client>=0.20,<1"],
+        # idefics3-serve: the OpenAI-compatible HTTP server.
+        "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus_client>=0.20,<1"],
         "plot": ["matplotlib"],
         # benchmarks/prepare_dataset.py: datasets from the Hugging Face hub. pyarrow 26 needs numpy 2, which
         # MindSpore 2.10 cannot import; 22 works with numpy 1.26.
@@ -39,6 +44,7 @@ setup(
             "idefics3-batch=mindone_idefics3.batch.cli:main",
             "idefics3-eval=mindone_idefics3.eval.cli:main",
             "idefics3-finetune=mindone_idefics3.finetune.cli:main",
+            "idefics3-serve=mindone_idefics3.serve.cli:main",
         ]
     },
 )

@@ -7,10 +7,11 @@ import resource
 from typing import Any, Dict, Optional, Tuple
 
 
-def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None,
+                        model_required: bool = True) -> None:
     """--model, --adapter, --dtype, --device, --longest-edge, --no-image-splitting."""
     if default_model is None:
-        p.add_argument("--model", required=True,
+        p.add_argument("--model", required=model_required,
                        help="model directory or Hugging Face repo id (repo ids are downloaded to the hub cache "
                             "unless HF_HUB_OFFLINE=1)")
     else:
@@ -72,16 +73,21 @@ def load_processor_and_model(args: argparse.Namespace) -> Tuple[Any, Any, str, f
     device = select_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model_dir = resolve_model_dir(args.model)
-    overrides = {}
-    if args.longest_edge:
-        overrides["size"] = {"longest_edge": args.longest_edge}
-    if args.no_image_splitting:
-        overrides["do_image_splitting"] = False
-    processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
+    processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
     t_load = time.perf_counter()
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device,
                                                              adapter=args.adapter)
     return processor, model, device, time.perf_counter() - t_load
+
+
+def processor_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """Idefics3Processor.from_pretrained options from --longest-edge and --no-image-splitting."""
+    overrides: Dict[str, Any] = {}
+    if args.longest_edge:
+        overrides["size"] = {"longest_edge": args.longest_edge}
+    if args.no_image_splitting:
+        overrides["do_image_splitting"] = False
+    return overrides
 
 
 def dtype_label(args: argparse.Namespace, device: str) -> str:

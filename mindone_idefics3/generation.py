@@ -24,6 +24,7 @@ from .model.idefics3 import key_keep_or_none, position_ids_from_mask
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are CACHE_BUCKET x a power of two, so compiled steps are reused
 PREFILL_BUCKET = 64  # compiled prefills see prompt lengths rounded up to a multiple of this
+RowOption = Union[float, int, bool, None, Sequence]  # one value for the batch, or one per row
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -202,17 +203,29 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
 
 
 def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
-                   max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   max_new_tokens: int = 20, do_sample: RowOption = False, temperature: RowOption = 1.0,
+                   top_k: RowOption = 0, top_p: RowOption = 1.0, repetition_penalty: float = 1.0,
                    eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-                   seed: Optional[int] = None, use_jit: bool = True,
+                   seed: RowOption = None, use_jit: bool = True,
                    stats: Optional[GenerationStats] = None) -> Iterator[np.ndarray]:
     """Yield the next token of every row, (B,) int64, until all rows stopped or max_new_tokens were made.
 
     Rows that already stopped yield the pad id. This is the loop under `generate` and `stream_generate`.
+    do_sample, temperature, top_k, top_p and seed are one value for the batch, or a list with one value per row
+    (a server's requests): each row is then sampled with its own options and its own seeded generator, so a
+    sampled row draws the same numbers whatever else shares its batch; greedy rows take the argmax.
     """
-    _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     ids = model.check_input_ids(input_ids)
+    per_row = any(isinstance(v, (list, tuple, np.ndarray)) for v in (do_sample, temperature, top_k, top_p, seed))
+    if per_row:
+        do_sample, temperature, top_k, top_p, seed = (
+            _per_row(name, value, ids.shape[0]) for name, value in
+            (("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+             ("seed", seed)))
+        for t, k, p in zip(temperature, top_k, top_p):
+            _check_sampling_args(max_new_tokens, t, k, p, repetition_penalty)
+    else:
+        _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     mask = model.check_attention_mask(attention_mask, ids.shape)
     if (mask[:, -1] == 0).any():
         raise Idefics3Error("attention_mask has padding at the end of a row; generation needs left padding "
@@ -229,8 +242,9 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     pad = int(pad if pad is not None else (stop[0] if stop.size else 0))
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = s
-    greedy = not do_sample and repetition_penalty == 1.0
-    rng = np.random.default_rng(seed)
+    greedy = not any(do_sample if per_row else [do_sample]) and repetition_penalty == 1.0
+    rngs = [np.random.default_rng(s) for s in seed] if per_row else None
+    rng = None if per_row else np.random.default_rng(seed)
 
     t0 = time.perf_counter()
     first_slot = prompt_slots(s, use_jit)  # decode writes from here on
@@ -243,6 +257,11 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
 
     def from_logits(scores: np.ndarray) -> np.ndarray:
         scores = apply_repetition_penalty(scores, sequences, repetition_penalty)
+        if per_row:
+            out = scores.argmax(-1).astype(np.int64)
+            for r in np.flatnonzero(do_sample):
+                out[r] = sample(scores[r:r + 1], rngs[r], temperature[r], top_k[r], top_p[r])[0]
+            return out
         if do_sample:
             return sample(scores, rng, temperature, top_k, top_p).astype(np.int64)
         return scores.argmax(-1).astype(np.int64)
@@ -290,6 +309,16 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_att
         streamer.end()
     new_ids = np.stack(new, axis=1) if new else np.zeros((ids.shape[0], 0), np.int64)
     return np.concatenate([ids.astype(np.int64), new_ids], axis=1)
+
+
+def _per_row(name: str, value, rows: int) -> list:
+    """A per-row option as a list of `rows` values (a scalar is repeated)."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return [value] * rows
+    if len(value) != rows:
+        raise Idefics3Error(f"{name} has {len(value)} values for a batch of {rows} rows; give one value per row "
+                            "or a single value")
+    return list(value)
 
 
 def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty):

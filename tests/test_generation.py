@@ -95,6 +95,25 @@ def test_same_seed_same_ids_and_top_k_1_is_greedy(ckpt_a, model_a):
     np.testing.assert_array_equal(top1, greedy)
 
 
+def test_per_row_sampling_options_and_seeds_do_not_depend_on_the_batch(ckpt_a, model_a):
+    """A server's batch: row 0 greedy, row 1 sampled with its own seed. Each row gets what it gets alone."""
+    ids, mask, pv, pam = make_batch(ckpt_a, [1, 0], [6, 8], np.random.default_rng(1))
+    kw = dict(max_new_tokens=12, eos_token_id=[])
+    both = model_a.generate(ids, mask, pv, pam, do_sample=[False, True], temperature=[1.0, 1.5], seed=[None, 3],
+                            top_p=[1.0, 0.95], top_k=[0, 0], **kw)
+    greedy = model_a.generate(ids, mask, pv, pam, **kw)
+    np.testing.assert_array_equal(both[0], greedy[0])
+    alone = slice(1, 2)
+    # row 1 alone: no padding, its own images (none)
+    s1 = int(mask[1].sum())
+    row1 = model_a.generate(ids[alone, -s1:], mask[alone, -s1:], do_sample=True, temperature=1.5, top_p=0.95,
+                            seed=3, **kw)
+    np.testing.assert_array_equal(both[1, -row1.shape[1]:], row1[0])
+    assert not np.array_equal(both[1], greedy[1])  # it did sample
+    with pytest.raises(Idefics3Error, match="seed has 3 values for a batch of 2 rows"):
+        model_a.generate(ids, mask, pv, pam, do_sample=True, seed=[1, 2, 3], **kw)
+
+
 def test_top_p_keeps_the_smallest_set_above_p():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
     kept = np.isfinite(top_k_top_p_filter(logits, top_p=0.7))

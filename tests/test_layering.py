@@ -15,6 +15,7 @@ FORBIDDEN = {
     "processing": {"generation", "cli", "convert", "model", "ops", "serve", "finetune", "batch", "eval"},
     "generation": {"cli", "serve", "finetune", "batch", "eval"},
     "finetune": {"cli", "convert", "serve", "batch", "eval"},
+    "serve": {"cli", "convert", "model", "ops", "finetune", "batch", "eval"},  # generation.py and processing/ only
 }
 
 

@@ -33,11 +33,12 @@ FREE_PIXELS = 2048 * 2048
 MAX_PIXELS_PER_BYTE = 20_000
 
 
-def load_image(source: ImageSource, timeout: float = URL_TIMEOUT_SECONDS) -> Image.Image:
+def load_image(source: ImageSource, timeout: float = URL_TIMEOUT_SECONDS,
+               max_bytes: int = MAX_DOWNLOAD_BYTES) -> Image.Image:
     """Open and fully decode an image, applying its EXIF orientation.
 
-    source: a file path, an `http://` / `https://` URL (fetched with urllib, `timeout` seconds), a
-    `data:image/...;base64,` URI, the encoded bytes of an image file, or a PIL image.
+    source: a file path, an `http://` / `https://` URL (fetched with urllib, `timeout` seconds, at most
+    `max_bytes`), a `data:image/...;base64,` URI, the encoded bytes of an image file, or a PIL image.
     """
     if isinstance(source, Image.Image):
         return _oriented(ensure_decoded(source, "the PIL image"), "the PIL image")
@@ -49,17 +50,17 @@ def load_image(source: ImageSource, timeout: float = URL_TIMEOUT_SECONDS) -> Ima
         raise Idefics3Error(f"cannot load an image from a {type(source).__name__}; pass a file path, an http(s) URL, "
                             "bytes or a PIL.Image.Image")
     if source.startswith(("http://", "https://")):
-        return _decode(_download(source, timeout), source)
+        return _decode(_download(source, timeout, max_bytes), source)
     if source.startswith("data:"):
         return _decode(_data_uri_bytes(source), "the data: URI")
     return _decode_file(Path(source).expanduser())
 
 
-def _download(url: str, timeout: float) -> bytes:
+def _download(url: str, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mindone_idefics3"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+            data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
         raise Idefics3Error(f"cannot download image {url}: HTTP {e.code} {e.reason}; check the URL, or download the "
                             "image and pass its local path") from None
@@ -67,9 +68,8 @@ def _download(url: str, timeout: float) -> bytes:
         reason = getattr(e, "reason", e)
         raise Idefics3Error(f"cannot download image {url}: {reason} (timeout {timeout:g} s); check the network, or "
                             "download the image and pass its local path") from None
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise Idefics3Error(f"image {url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; download and shrink it "
-                            "first")
+    if len(data) > max_bytes:
+        raise Idefics3Error(f"image {url} is larger than {max_bytes / 2**20:g} MiB; download and shrink it first")
     return data
 
 

@@ -1,0 +1,157 @@
+"""`idefics3-serve` / `python -m mindone_idefics3.serve`: an OpenAI-compatible chat-completions server."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from ..cli_options import add_model_arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idefics3-serve",
+        description="Serve an Idefics3 / SmolVLM checkpoint over OpenAI's chat-completions API (FastAPI + "
+                    "uvicorn): POST /v1/chat/completions (streamed or not, images as data: URIs or http(s) URLs), "
+                    "GET /v1/models, /health, /metrics. One worker owns the model; concurrent requests run "
+                    "together in batches. Prints the URL once the model is loaded.",
+        epilog="example: idefics3-serve --model HuggingFaceTB/SmolVLM-256M-Instruct --port 8000   |   "
+               "idefics3-serve --demo (tiny random model, no download)")
+    add_model_arguments(p, model_required=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free port, printed when ready)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: the --model argument's last "
+                        "path part)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most requests generated together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a batch; more get 503 with Retry-After (default 64)")
+    p.add_argument("--max-images-per-request", type=int, default=8, help="default 8")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="refuse prompts (text + image tokens) longer than this (default: the model's context)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N",
+                   help="the largest max_tokens a request may ask for, and the default when it asks for none "
+                        "(capped by the context left after the prompt; default 1024)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="refuse images with more pixels than this (default 4096×4096)")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20, metavar="N",
+                   help="largest http(s) image download (default 20 MiB)")
+    p.add_argument("--max-request-bytes", type=int, default=32 * 2**20, metavar="N",
+                   help="largest request body; more gets 413 (default 32 MiB)")
+    p.add_argument("--api-key", default=os.environ.get("IDEFICS3_SERVE_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $IDEFICS3_SERVE_API_KEY, else none)")
+    p.add_argument("--no-remote-images", action="store_true",
+                   help="refuse http(s) image URLs (only inline data: URIs)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: stop accepting, let running requests finish for up to this long, then "
+                        "exit 0 (default 30)")
+    p.add_argument("--no-batch-padding", action="store_true",
+                   help="run batches of exactly the waiting requests instead of padding them to 1, 2, 4 or 8 rows "
+                        "(padding keeps the number of compiled graph shapes small)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn and server log level (default warning)")
+    p.add_argument("--demo", action="store_true",
+                   help="serve a tiny random-weight checkpoint written to a temp dir (no download; its answers are "
+                        "meaningless by construction)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore's own INFO/WARNING lines would drown the server's
+    from ..errors import Idefics3Error
+
+    if not args.demo and not args.model:
+        print("error: pass --model DIR_OR_REPO (or --demo)", file=sys.stderr)
+        return 2
+    for flag in ("max_batch_size", "max_queue", "max_images_per_request", "max_tokens_limit", "max_image_pixels",
+                 "max_image_bytes", "max_request_bytes"):
+        if getattr(args, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="idefics3-serve-demo-") as tmp:
+            if args.demo:
+                from ..demo import write_demo_checkpoint
+
+                args.model = str(write_demo_checkpoint(Path(tmp) / "model"))
+                args.served_model_name = args.served_model_name or "idefics3-demo"
+                print("demo: tiny random-weight model — its answers are meaningless by construction", file=sys.stderr)
+            return serve(args)
+    except Idefics3Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server import GracefulServer
+    except ImportError as e:
+        print(f"error: the server needs FastAPI and uvicorn ({e}); install them with: pip install "
+              "'mindone_idefics3[serve]'", file=sys.stderr)
+        return 2
+    from ..hub import resolve_model_dir
+    from .app import Settings, create_app
+    from .engine import Engine
+    from .prepare import Limits, Preparer
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    model_dir = resolve_model_dir(args.model)  # a bad --model fails here, before the server starts
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    engine = Engine(lambda: _load(args, model_dir), max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                    pad_batch_to_power_of_two=not args.no_batch_padding)
+
+    def preparer() -> Preparer:
+        from ..processing import Idefics3Processor
+        from ..cli_options import processor_overrides
+
+        model = engine.model
+        limits = Limits(context=model.config.text_config.max_position_embeddings,
+                        max_images=args.max_images_per_request, max_prompt_tokens=args.max_prompt_tokens,
+                        max_tokens=args.max_tokens_limit, max_image_pixels=args.max_image_pixels,
+                        remote_images=not args.no_remote_images, max_image_bytes=args.max_image_bytes)
+        processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
+        return Preparer(processor, limits, model.generation_defaults())
+
+    app = create_app(engine, preparer, Settings(name, api_key=args.api_key,
+                                                max_request_bytes=args.max_request_bytes))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.grace_period, access_log=args.log_level == "debug")
+    server = GracefulServer(config)
+    sock = config.bind_socket()
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    threading.Thread(target=_announce, args=(server, engine, f"http://{url_host}:{port}", name), daemon=True).start()
+    server.run(sockets=[sock])
+    if engine.load_error is not None:
+        print(f"error: the model failed to load: {engine.load_error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _load(args: argparse.Namespace, model_dir):
+    from ..cli_options import load_processor_and_model
+
+    args.model = str(model_dir)
+    processor, model, device, seconds = load_processor_and_model(args)
+    print(f"loaded {model_dir} on {device} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return model, processor
+
+
+def _announce(server, engine, url: str, name: str) -> None:
+    """Print the URL once the model is loaded and the socket listens; stop the server if the model fails."""
+    while not (engine.ready.is_set() and server.started):
+        if engine.load_error is not None:
+            server.should_exit = True
+            return
+        time.sleep(0.05)
+    print(f"idefics3-serve: ready at {url}/v1 (model {name!r}); health {url}/health, metrics {url}/metrics",
+          flush=True)

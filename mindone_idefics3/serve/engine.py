@@ -1,0 +1,367 @@
+"""The engine: one worker thread owns the model; requests wait in a queue and run in batches.
+
+Scheduling (static batching with independent rows): when the worker is free it takes up to `max_batch_size`
+waiting requests (waiting a moment for requests still being prepared, so clients that arrive together share a
+batch) and runs them as one left-padded batch through `generate_steps`. Rows stop independently — at a stop token
+(eos, `<end_of_utterance>`), a `stop` string, their own `max_tokens`, or when their client went away — and stop
+being streamed at once; the batch ends when its last row has stopped, and the next batch starts right away.
+Requests that arrive while a batch runs wait for it to end (no joining a running batch: continuous batching over
+the static cache would need per-row prefill into a running cache). Greedy rows give the same tokens in any batch as
+alone (left padding is masked, positions count from each row's first token); sampled rows draw from their own
+seeded generator, so a seed gives the same answer in any batch.
+
+The HTTP layer talks to the engine through `submit` (a thread-safe queue of jobs) and each job's asyncio queue of
+events (`Delta`, `Finished`, `Failed`), which the worker fills with `loop.call_soon_threadsafe`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, List, Optional
+
+import numpy as np
+
+from ..generation import generate_steps, stop_token_ids
+from ..processing.collate import collate
+from ..processing.processor import ProcessorOutput
+from ..processing.tokenizer import IncrementalDetokenizer
+from .errors import APIError
+from .metrics import Metrics
+from .prepare import PreparedRequest, Sampling
+
+log = logging.getLogger("mindone_idefics3.serve")
+
+MAX_GATHER_SECONDS = 2.0  # how long a new batch waits at most for requests on their way (see Engine._gather)
+GATHER_QUIET_SECONDS = 0.05  # ... and how long after the last arrival when none is being prepared
+
+
+# ----------------------------------------------------------------------------------------------- events
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class Job:
+    """One request on its way through the engine."""
+
+    def __init__(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop):
+        self.prepared = prepared
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def post(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody listens
+            pass
+
+    def cancel(self) -> None:
+        """The client went away: the worker frees the row at its next step."""
+        self.cancelled.set()
+
+
+# ----------------------------------------------------------------------------------------------- a row
+class Row:
+    """A job's row in the running batch: detokenizes its tokens, applies its stop strings and max_tokens, posts
+    the text as it becomes final."""
+
+    def __init__(self, job: Job, tokenizer, stop_ids: np.ndarray, metrics: Metrics):
+        self.job, self.metrics = job, metrics
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.stop_ids = stop_ids
+        self.stops = job.prepared.stop
+        self.text = ""
+        self.sent = 0  # characters of self.text already posted
+        self.count = 0  # tokens generated
+        self.done = False
+
+    def add(self, token: int) -> None:
+        prepared = self.job.prepared
+        if self.count == 0:
+            self.metrics.ttft.observe(time.perf_counter() - self.job.submitted)
+        self.count += 1
+        if token in self.stop_ids:
+            self.text += self.detok.flush()
+            return self._finish("stop")
+        self.text += self.detok.add(token)
+        if self.count >= prepared.max_tokens:
+            self.text += self.detok.flush()
+        if self._cut_at_stop_string():
+            return self._finish("stop")
+        if self.count >= prepared.max_tokens:
+            return self._finish("length")
+        self._post(len(self.text) - self._held_back())
+
+    def cancel(self) -> None:
+        self.done = True
+        self.metrics.finished.labels("cancelled").inc()
+        self.metrics.completion_tokens.inc(self.count)
+
+    def fail(self, message: str) -> None:
+        self.done = True
+        self.metrics.finished.labels("error").inc()
+        self.job.post(Failed(message))
+
+    def finish_early(self) -> None:
+        """The batch's generation ended before this row's own end (it cannot in practice: every row stops at a
+        stop id, which the row sees first)."""
+        self.text += self.detok.flush()
+        self._finish("stop" if self.count < self.job.prepared.max_tokens else "length")
+
+    def _cut_at_stop_string(self) -> bool:
+        if not self.stops:
+            return False
+        start = max(0, self.sent - max(map(len, self.stops)))
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[:min(hits)]
+        return True
+
+    def _held_back(self) -> int:
+        """Characters at the end of the text that may be the start of a stop string: not posted yet."""
+        held = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:n]):
+                    held = n
+                    break
+        return held
+
+    def _post(self, end: int) -> None:
+        if end > self.sent:
+            self.job.post(Delta(self.text[self.sent:end]))
+            self.sent = end
+
+    def _finish(self, reason: str) -> None:
+        self._post(len(self.text))
+        self.done = True
+        now = time.perf_counter()
+        self.metrics.finished.labels(reason).inc()
+        self.metrics.completion_tokens.inc(self.count)
+        self.metrics.latency.observe(now - self.job.submitted)
+        self.job.post(Finished(reason, self.job.prepared.prompt_tokens, self.count))
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+class Engine:
+    """Owns the model on one worker thread. `load` runs on that thread; `ready` is set once the model answers."""
+
+    def __init__(self, load: Callable[[], tuple], *, max_batch_size: int = 8, max_queue: int = 64,
+                 pad_batch_to_power_of_two: bool = True, metrics: Optional[Metrics] = None):
+        """load: () -> (model, processor) on the worker thread (MindSpore is set up there). The processor decodes
+        the answers; requests are prepared elsewhere (see prepare.py)."""
+        self._load = load
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.pad_batch = pad_batch_to_power_of_two
+        self.metrics = metrics or Metrics()
+        self.model = self.processor = None
+        self.ready = threading.Event()
+        self.load_error: Optional[str] = None
+        self._waiting: Deque[Job] = deque()
+        self._preparing = 0  # requests being prepared on the HTTP side, soon to be submitted
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="idefics3-engine", daemon=True)
+
+    # ------------------------------------------------------------------------------------------- HTTP side
+    def start(self) -> None:
+        self._thread.start()
+
+    def check_accepting(self) -> None:
+        """Raise the 503 a request gets now: still loading, stopping, or the queue is full."""
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+        if not self.ready.is_set():
+            raise APIError(503, "the model is still loading; retry shortly", code="loading",
+                           headers={"Retry-After": "5"})
+        if self._stopping:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        if len(self._waiting) + self._preparing >= self.max_queue:
+            raise APIError(503, f"the server is busy: {self.max_queue} requests are already waiting (--max-queue); "
+                                "retry later", code="queue_full", headers={"Retry-After": "1"})
+
+    def begin_preparing(self) -> None:
+        with self._cond:
+            self.check_accepting()
+            self._preparing += 1
+            self._cond.notify_all()
+
+    def submit(self, prepared: Optional[PreparedRequest], loop: asyncio.AbstractEventLoop) -> Optional[Job]:
+        """Queue a prepared request (None: its preparation failed) and end its 'preparing' state."""
+        with self._cond:
+            self._preparing -= 1
+            if prepared is None:
+                self._cond.notify_all()
+                return None
+            if self._stopping:
+                self._cond.notify_all()
+                raise APIError(503, "the server is shutting down", code="shutting_down",
+                               headers={"Retry-After": "5"})
+            job = Job(prepared, loop)
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify_all()
+            return job
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the running batch, fail what still waits, end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------------------------------- worker
+    def _main(self) -> None:
+        try:
+            self.model, self.processor = self._load()
+        except Exception as e:  # noqa: BLE001 - reported through /health and every request
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("model load failed:\n%s", traceback.format_exc())
+            return
+        self.stop_ids = np.array(stop_token_ids(self.model), np.int64)
+        self.ready.set()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                break
+            self.run_batch(batch)
+        with self._cond:
+            for job in self._waiting:
+                job.post(Failed("the server shut down before this request ran"))
+            self._waiting.clear()
+
+    def _next_batch(self) -> Optional[List[Job]]:
+        """The next batch to run, or None when stopping with nothing left to run."""
+        with self._cond:
+            while True:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if not self._waiting:
+                    return None
+                self._gather()
+                batch = self._take_batch()
+                self.metrics.queue_depth.set(len(self._waiting))
+                if batch:
+                    return batch
+
+    def _gather(self) -> None:
+        """Before a batch starts, let the requests that are on their way join it: wait while requests are being
+        prepared, or until no new one arrived for GATHER_QUIET_SECONDS, at most MAX_GATHER_SECONDS (a batch runs
+        for seconds to minutes; a request that just misses it waits for all of it)."""
+        now = time.monotonic()
+        deadline, quiet_until, seen = now + MAX_GATHER_SECONDS, now + GATHER_QUIET_SECONDS, len(self._waiting)
+        while len(self._waiting) < self.max_batch_size and not self._stopping:
+            now = time.monotonic()
+            if now >= deadline or (self._preparing == 0 and now >= quiet_until):
+                return
+            self._cond.wait((deadline if self._preparing else min(deadline, quiet_until)) - now)
+            if len(self._waiting) != seen:
+                seen, quiet_until = len(self._waiting), time.monotonic() + GATHER_QUIET_SECONDS
+
+    def _take_batch(self) -> List[Job]:
+        """Up to max_batch_size waiting jobs, oldest first, whose padded batch fits the context (the batch is
+        padded to its longest prompt and runs to its largest max_tokens); cancelled jobs are dropped."""
+        context = self.model.config.text_config.max_position_embeddings
+        batch: List[Job] = []
+        kept: List[Job] = []
+        while self._waiting and len(batch) < self.max_batch_size:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                self.metrics.finished.labels("cancelled").inc()
+                continue
+            longest = max([j.prepared.prompt_tokens for j in batch] + [job.prepared.prompt_tokens])
+            most = max([j.prepared.max_tokens for j in batch] + [job.prepared.max_tokens])
+            if batch and longest + most > context:
+                kept.append(job)
+                continue
+            batch.append(job)
+        self._waiting.extendleft(reversed(kept))
+        return batch
+
+    def run_batch(self, jobs: List[Job]) -> None:
+        """Generate for `jobs` as one batch; every job gets its Delta events and one Finished (or Failed). A batch
+        that fails before its first token is retried request by request, so only the request at fault fails."""
+        rows = [Row(job, self.processor.tokenizer, self.stop_ids, self.metrics) for job in jobs]
+        try:
+            self._generate(rows)
+        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
+            if len(rows) > 1 and all(row.count == 0 and not row.done for row in rows):
+                log.warning("batch of %d failed before its first token (%s: %s); retrying its requests one by one",
+                            len(rows), type(e).__name__, e)
+                for job in jobs:
+                    self.run_batch([job])
+                return
+            log.error("batch of %d failed:\n%s", len(rows), traceback.format_exc())
+            for row in rows:
+                if not row.done:
+                    row.fail(f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            self.metrics.running.set(0)
+            self.metrics.batch_size.set(0)
+
+    def _generate(self, rows: List[Row]) -> None:
+        jobs = [row.job for row in rows]
+        metrics = self.metrics
+        samples = [job.prepared.inputs for job in jobs]
+        sampling = [job.prepared.sampling for job in jobs]
+        pad_id = self.processor.tokenizer.pad_token_id
+        if self.pad_batch:
+            # fewer distinct batch shapes → fewer graphs to compile (and fewer evicted: the model keeps the graphs
+            # of its last few cache shapes). Filler rows are one token, no image: little work, their output unread.
+            fillers = (1 << (len(jobs) - 1).bit_length()) - len(jobs)
+            samples += [ProcessorOutput(input_ids=np.full((1, 1), pad_id or 0, np.int64),
+                                        attention_mask=np.ones((1, 1), np.int64))] * fillers
+            sampling += [Sampling()] * fillers
+        inputs = collate(samples, pad_id)
+        metrics.batches.inc()
+        metrics.batch_size.set(len(samples))
+        metrics.running.set(len(jobs))
+        metrics.prompt_tokens.inc(sum(job.prepared.prompt_tokens for job in jobs))
+        steps = generate_steps(
+            self.model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+            inputs.get("pixel_attention_mask"), max_new_tokens=max(job.prepared.max_tokens for job in jobs),
+            do_sample=[s.do_sample for s in sampling], temperature=[s.temperature for s in sampling],
+            top_p=[s.top_p for s in sampling], top_k=[0] * len(samples), seed=[s.seed for s in sampling],
+            use_jit=True)
+        try:
+            for tokens in steps:
+                for r, row in enumerate(rows):
+                    if row.done:
+                        continue
+                    if row.job.cancelled.is_set():
+                        row.cancel()
+                    else:
+                        row.add(int(tokens[r]))
+                metrics.running.set(sum(not row.done for row in rows))
+                if all(row.done for row in rows):
+                    break
+        finally:
+            steps.close()
+        for row in rows:  # generate_steps ended (every row hit a stop id) before a row's own end
+            if not row.done:
+                row.finish_early()
