@@ -10,7 +10,8 @@ import time
 from typing import List, Optional
 
 from .cli_options import (add_model_arguments, add_sampling_arguments, check_max_new_tokens, dtype_label,
-                          generation_options, load_processor_and_model, model_inputs, peak_rss_mb)
+                          generation_options, load_processor_and_model, model_inputs, peak_rss_mb,
+                          run_command)
 
 DEFAULT_MODEL = "HuggingFaceM4/Idefics3-8B-Llama3"
 
@@ -49,16 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's own INFO/WARNING lines would drown the answer
-    from .errors import Idefics3Error
-
-    try:
-        return run(args)
-    except Idefics3Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 
@@ -102,3 +103,18 @@ def model_inputs(inputs) -> dict:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def run_command(run, args: argparse.Namespace) -> int:
+    """A command's body under the package's CLI contract: an Idefics3Error is one `error: ...` line on stderr and
+    exit code 2, Ctrl-C `interrupted` and 130."""
+    from .errors import Idefics3Error
+
+    try:
+        return run(args)
+    except Idefics3Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

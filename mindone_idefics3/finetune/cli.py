@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import peak_rss_mb
+from ..cli_options import peak_rss_mb, run_command
 
 EPILOG = """\
 data: JSONL, one example per line in TRL's conversational format:
@@ -102,21 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")
-    from ..errors import Idefics3Error
-
     if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler: serve communication.init(), nothing else
         from mindspore.communication import init
 
         init()
         return 0
-    try:
-        return run(args)
-    except Idefics3Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, args)
 
 
 def check_args(args) -> None:
