@@ -191,10 +191,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     key_keep[:, :slots] = mask.astype(bool)
     args = (embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
             Tensor(np.arange(slots, dtype=np.int32)))
-    if use_jit:
-        hidden = text.prefill(*args, cache_keep=None if key_keep.all() else Tensor(key_keep))
-    else:
-        hidden = text(*args, "fill", False)
+    hidden = text.prefill(*args) if use_jit else text(*args, "fill", False)
     logits = model.logits(hidden[:, -1:])[:, -1]
     if stats is not None:
         synchronize(logits)

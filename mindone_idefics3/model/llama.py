@@ -198,7 +198,7 @@ class LlamaModel(nn.Cell):
         return ms.recompute(self.layer_math, *args, use_reentrant=False)
 
     def prefill(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor],
-                slots: Tensor, cache_keep: Optional[Tensor] = None) -> Tensor:
+                slots: Tensor) -> Tensor:
         """`construct` with cache "fill", driven from the host one layer at a time through one compiled graph of
         `layer_math` that every layer shares (their weights and caches are its inputs), so a compiled call holds
         one layer's activations whatever the number of layers. Returns (B, S, H).
@@ -207,9 +207,9 @@ class LlamaModel(nn.Cell):
         inner): each chunk writes its keys and values and attends over the cache (cache "decode": the earlier
         chunks, itself causally), so a call holds one chunk's scores — with a mask, MindSpore 2.10's CPU graphs
         keep the intermediates of every query block of a call alive (a 3,072-token causal attention: +1.9 GB
-        compiled vs +0.2 GB eager), which made prefill memory grow with the prompt. One graph serves every chunk.
-        cache_keep: (B, L) bool, the keys of the whole cache that may be attended (the prompt's mask, then every
-        later slot); None when none is padded. slots must be 0..S-1 (a prefill starts the cache).
+        compiled vs +0.2 GB in PyNative), which made prefill memory grow with the prompt. One graph serves every
+        chunk; its keys are the whole cache's: the prompt's (key_keep), then every later slot (masked causally).
+        slots must be 0..S-1 (a prefill starts the cache).
         """
         if self._layer_graph is None:
             self._layer_graph = jit_cell(self.layer_math)
@@ -223,8 +223,10 @@ class LlamaModel(nn.Cell):
                 h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s),
                                       *as_graph_inputs(layer.state()))
             return self.norm(h).reshape(b, s, hidden)
-        if cache_keep is None:
-            cache_keep = Tensor(np.ones((b, self.cache_shape[1]), np.bool_))
+        cache_keep = np.ones((b, self.cache_shape[1]), np.bool_)  # the prompt's key mask, then every later slot
+        if key_keep is not None:
+            cache_keep[:, :s] = key_keep.asnumpy().astype(np.bool_)
+        cache_keep = Tensor(cache_keep)
         h = h.reshape(b, s, hidden)
         outs = []
         for start in range(0, s, chunk):
