@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
 from bench.memory import peak_rss_mb  # noqa: E402
+from bench.processes import run_child  # noqa: E402
 from bench.presets import ensure_preset  # noqa: E402
 
 PRESET = "smolvlm-256m"
@@ -220,17 +219,14 @@ def main(argv=None) -> int:
     jobs = [("mindone_idefics3", b) for b in args.batches] + ([("transformers", 1)] if args.reference == "hf" else [])
     rows: List[Dict] = []
     for impl, batch in jobs:
-        with tempfile.TemporaryDirectory() as d:
-            job = dict(impl=impl, batch=batch, checkpoint=str(checkpoint), input=str(source), threads=threads,
-                       new_tokens=args.new_tokens, splitting=args.image_splitting, out=str(Path(d) / "r.json"))
-            (Path(d) / "job.json").write_text(json.dumps(job))
-            print(f"{impl} batch {batch} ...", file=sys.stderr, flush=True)
-            code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--child",
-                                    str(Path(d) / "job.json")])
-            if code:
-                print(f"{impl} batch {batch}: the measuring process failed (exit code {code})", file=sys.stderr)
-                continue
-            rows.append(json.loads((Path(d) / "r.json").read_text()))
+        job = dict(impl=impl, batch=batch, checkpoint=str(checkpoint), input=str(source), threads=threads,
+                   new_tokens=args.new_tokens, splitting=args.image_splitting)
+        print(f"{impl} batch {batch} ...", file=sys.stderr, flush=True)
+        result, failed = run_child(Path(__file__).resolve(), job)
+        if failed:
+            print(f"{impl} batch {batch}: {failed}", file=sys.stderr)
+            continue
+        rows.append(result)
     ref = next((r for r in rows if r["impl"] == "transformers"), None)
     for r in rows:
         if ref and r is not ref:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -32,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import batch_benchmark  # noqa: E402  (the SmolVLM-shaped checkpoint with a tokenizer, and photos)
-import throughput  # noqa: E402
+from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
+from bench.memory import peak_rss_mb  # noqa: E402
+from bench.processes import run_child  # noqa: E402
 
 ANSWER = "The photo shows a few coloured shapes on a smooth background, with some noise like a real camera makes."
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -174,7 +174,7 @@ def timed(job: dict, steps: List[dict], step) -> dict:
     tokens = int(sum(b["attention_mask"].sum() for b in steps[1:]))
     return dict(impl=job["impl"], mode=job["mode"], recompute=job["recompute"], steps=len(steps) - 1,
                 batch=job["batch"], seconds=round(seconds, 2), samples_per_s=round(samples / seconds, 4),
-                tokens_per_s=round(tokens / seconds, 1), tokens=tokens, peak_rss_mb=round(throughput.peak_rss_mb()),
+                tokens_per_s=round(tokens / seconds, 1), tokens=tokens, peak_rss_mb=round(peak_rss_mb()),
                 first_loss=round(losses[0], 5))
 
 
@@ -223,18 +223,15 @@ def main(argv=None) -> int:
             for impl in impls]
     rows: List[Dict] = []
     for impl, mode, recompute in jobs:
-        with tempfile.TemporaryDirectory() as d:
-            job = dict(impl=impl, mode=mode, recompute=recompute, checkpoint=str(checkpoint), data=str(data),
-                       threads=threads, steps=args.steps, batch=args.batch_size, out=str(Path(d) / "r.json"))
-            (Path(d) / "job.json").write_text(json.dumps(job))
-            print(f"{impl} {mode} recompute={recompute} ...", file=sys.stderr, flush=True)
-            code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--child",
-                                    str(Path(d) / "job.json")])
-            if code:
-                print(f"{impl} {mode}: the measuring process failed (exit code {code})", file=sys.stderr)
-                continue
-            rows.append(json.loads((Path(d) / "r.json").read_text()))
-            write_results(args, threads, load_at_start, rows)  # kept as measured, should a later one fail or stop
+        job = dict(impl=impl, mode=mode, recompute=recompute, checkpoint=str(checkpoint), data=str(data),
+                   threads=threads, steps=args.steps, batch=args.batch_size)
+        print(f"{impl} {mode} recompute={recompute} ...", file=sys.stderr, flush=True)
+        result, failed = run_child(Path(__file__).resolve(), job)
+        if failed:
+            print(f"{impl} {mode}: {failed}", file=sys.stderr)
+            continue
+        rows.append(result)
+        write_results(args, threads, load_at_start, rows)  # kept as measured, should a later one fail or stop
     result = write_results(args, threads, load_at_start, rows)
     table = markdown(result)
     Path(args.out).with_suffix(".md").write_text(table + "\n")
@@ -252,7 +249,7 @@ def write_results(args, threads: int, load_at_start: float, rows: List[Dict]) ->
             r["peak_rss_vs_reference"] = round(r["peak_rss_mb"] / ref["peak_rss_mb"], 3)
     import importlib.metadata as md
 
-    machine = dict(throughput.machine_description(threads, "CPU"), torch=md.version("torch"),
+    machine = dict(describe(threads, "CPU"), torch=md.version("torch"),
                    transformers=md.version("transformers"), peft=md.version("peft"),
                    load_average_1min_at_start=load_at_start, load_average_1min_at_end=os.getloadavg()[0])
     result = dict(machine=machine, threads=threads, batch_size=args.batch_size, steps=args.steps,

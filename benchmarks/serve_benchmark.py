@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import batch_benchmark  # noqa: E402  (SmolVLM-shaped checkpoint with a tokenizer, photos)
-import throughput  # noqa: E402  (machine description)
+from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
 
 READY = "idefics3-serve: ready at "
 QUESTIONS = batch_benchmark.QUESTIONS[:2]  # the two short ones: every prompt lands in one prefill bucket
@@ -244,9 +244,9 @@ def main(argv=None) -> int:
     finally:
         code = server.stop()
     short = [r for r in levels if r["completion_tokens"] != r["requests"] * args.max_tokens]
-    machine = dict(throughput.machine_description(cpu_threads(), "CPU"), load_average_1min_at_start=load_at_start,
+    machine = dict(describe(cpu_threads(), "CPU"), load_average_1min_at_start=load_at_start,
                    load_average_1min_at_end=os.getloadavg()[0], uptime=_uptime())
-    result = dict(machine=machine, checkpoint_shapes="smolvlm-256m (throughput.py preset)",
+    result = dict(machine=machine, checkpoint_shapes="smolvlm-256m (bench preset)",
                   photo_size=f"{args.width}x{args.height}", requests_per_level=args.requests,
                   max_tokens=args.max_tokens, warmup_seconds=round(warmup, 1), server_peak_rss_mb=round(peak),
                   server_exit_code=code, levels=levels,
