@@ -28,9 +28,8 @@ def vision_layer_bytes(tiles: int, flash: bool) -> float:
     p, d = V["patches"] * tiles, V["d"]
     stream = 2 * p * d * BF16  # residual in + the sum being built
     attn_io = p * 3 * d * BF16 + 3 * p * V["heads"] * V["head_kernel"] * BF16  # qkv + padded q, k, v
-    n = V["patches"]
-    block = min(n, max(1, SCORE_BLOCK // (tiles * V["heads"] * n)))
-    scores = 0 if flash else 3 * tiles * V["heads"] * block * n * FP32  # scores, bias-added, softmax of a block
+    n = V["patches"]  # the eager vision attention computes a chunk's scores at once (no query blocks)
+    scores = 0 if flash else 3 * tiles * V["heads"] * n * n * FP32  # scores, bias-added, softmax
     mlp = p * V["mlp"] * (BF16 + 2 * FP32)  # fc1 out, fp32 copy, sigmoid-form temporary
     return stream + max(attn_io + scores, mlp)
 

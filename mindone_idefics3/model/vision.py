@@ -10,7 +10,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import VisionConfig
-from ..device import as_graph_inputs
+from ..device import as_graph_inputs, idle_pipeline
 from ..errors import Idefics3Error
 from ..ops import kernels
 from ..ops.activations import gelu_tanh
@@ -169,7 +169,8 @@ class VisionTransformer(nn.Cell):
     def __init__(self, cfg: VisionConfig, dtype=ms.float32):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg, dtype)
-        self.attention = make_attention(cfg.head_dim, dtype)
+        # One call holds one chunk of tiles (Idefics3Model.vision_chunk): its scores are bounded without query blocks.
+        self.attention = make_attention(cfg.head_dim, dtype, query_blocks=False)
         self.layer_math = VisionLayerMath(cfg, self.attention)
         self.encoder = VisionEncoder(cfg, dtype)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
@@ -183,7 +184,11 @@ class VisionTransformer(nn.Cell):
         compiled graph of it that every layer shares (so a compiled call holds one layer's activations)."""
         x = self.embeddings(pixel_values, position_ids)
         mask = self.attention.mask(patch_keep)
-        direct = run_layer is self.layer_math  # PyNative: the Parameters themselves (gradients reach them)
-        for layer in self.encoder.layers:
-            x = run_layer(x, mask, *(layer.weights() if direct else as_graph_inputs(layer.weights())))
+        if run_layer is self.layer_math:  # PyNative: the Parameters themselves (gradients reach them)
+            for layer in self.encoder.layers:
+                x = run_layer(x, mask, *layer.weights())
+        else:
+            with idle_pipeline():  # compiled calls only: see device.idle_pipeline
+                for layer in self.encoder.layers:
+                    x = run_layer(x, mask, *as_graph_inputs(layer.weights()))
         return self.post_layernorm(x)

@@ -56,9 +56,15 @@ COMPRESSED_MASK_SIZE = 2048  # the kernels' compressed causal mask is always 204
 HEAD_DIM_MULTIPLE = 16  # flash / fused-infer attention take head dims that are multiples of 16
 
 
-def make_attention(head_dim: int, dtype) -> nn.Cell:
-    """The attention backend of a model whose heads are `head_dim` wide, in `dtype` (decided in ops/kernels.py)."""
-    return AscendAttention(head_dim) if kernels.attention_kernels(dtype) else EagerAttention(head_dim)
+def make_attention(head_dim: int, dtype, query_blocks: bool = True) -> nn.Cell:
+    """The attention backend of a model whose heads are `head_dim` wide, in `dtype` (decided in ops/kernels.py).
+
+    query_blocks: the eager path splits long queries into blocks of SCORE_BLOCK_ELEMENTS scores (text, whose
+    prompts have any length). False for callers whose calls are bounded already (the vision tower: one chunk of
+    tiles per call), where the blocks cost time for no memory they need: see `attention`."""
+    if kernels.attention_kernels(dtype):
+        return AscendAttention(head_dim)
+    return EagerAttention(head_dim, query_blocks)
 
 
 def split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
@@ -95,7 +101,8 @@ def attention_bias(keep: Optional[Tensor]) -> Optional[Tensor]:
     return (1 - keep.astype(ms.float32)) * _FP32_MIN
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+              query_blocks: bool = True) -> Tensor:
     """Eager scaled dot-product attention with grouped KV heads.
 
     q: (B, Nq, Sq, D); k, v: (B, Nkv, Sk, D) with Nq a multiple of Nkv (head h reads KV head h // (Nq/Nkv), as
@@ -105,11 +112,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
 
     Long prompts are computed in blocks of queries so that at most SCORE_BLOCK_ELEMENTS fp32 scores exist at a
     time: a 4k-token prompt of SmolVLM would otherwise hold 9 × 4096² scores (604 MB) several times over. Each
-    query's scores, softmax and sum are computed as in one block (equal to rounding).
+    query's scores, softmax and sum are computed as in one block (equal to rounding). query_blocks=False computes
+    all queries at once: the blocks are not free — in a MindSpore 2.10 CPU graph one SigLIP layer of a 512-px
+    SmolVLM tile (12 heads × 1024² scores) took 203 ms in 4 blocks and 140 ms in one (2 blocks of 512: 211 ms).
     """
     b, nq, sq, _ = q.shape
     block = max(1, SCORE_BLOCK_ELEMENTS // (b * nq * k.shape[2]))
-    if sq <= block:
+    if sq <= block or not query_blocks:
         return _attention_block(q, k, v, bias, scale)
     per_query = bias is not None and bias.shape[2] != 1
     outs = []
@@ -155,16 +164,17 @@ _matmul_qk = ops.BatchMatMul(transpose_b=True)
 class EagerAttention(nn.Cell):
     """matmul → fp32 softmax → matmul; runs on every device and dtype."""
 
-    def __init__(self, head_dim: int):
+    def __init__(self, head_dim: int, query_blocks: bool = True):
         super().__init__()
         self.scale = head_dim**-0.5
+        self.query_blocks = query_blocks  # see `attention`
 
     def mask(self, key_keep: Optional[Tensor], q_slots: Optional[Tensor] = None, in_graph: bool = False):
         """The additive mask for `construct`; in_graph is unused here (see AscendAttention.mask)."""
         return attention_bias(make_keep_mask(key_keep, q_slots))
 
     def construct(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        return attention(q, k, v, mask, self.scale)
+        return attention(q, k, v, mask, self.scale, self.query_blocks)
 
 
 @functools.lru_cache(maxsize=1)
