@@ -6,6 +6,7 @@ kernels with try/except: on the CPU a missing kernel can fail later, in an unrel
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional, Union
@@ -124,6 +125,80 @@ def cpu_threads() -> int:
         except ValueError:
             raise Idefics3Error(f"MINDONE_CPU_THREADS must be a positive integer, got {env!r}") from None
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# MindSpore 2.10's PyNative pipeline thread. Between ops it waits for work by spinning on sched_yield, and on the CPU
+# it spins beside the kernel threads of a compiled graph it waits for: on this 2-core machine it took ~40% of a core
+# (80% of it in the kernel) while a compiled SigLIP layer ran, which then took 150–290 ms instead of ~155 ms.
+SPINNING_THREADS = ("frontend_queue",)
+_IDLE_ENV = "MINDONE_IDLE_PIPELINE"
+_spinning: list = []  # thread ids found by the last scan
+_idle_depth = 0
+
+
+def _idle_enabled() -> bool:
+    value = os.environ.get(_IDLE_ENV, "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on"):
+        raise Idefics3Error(f"{_IDLE_ENV} must be 1 (idle MindSpore's spinning pipeline thread while compiled "
+                            f"graphs run) or 0, got {value!r}")
+    return value in ("1", "true", "on") and current_device() == "CPU" and hasattr(os, "sched_setscheduler")
+
+
+def _scan_spinning_threads() -> list:
+    found = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() in SPINNING_THREADS:
+                    found.append(int(tid))
+        except (OSError, ValueError):  # the thread ended meanwhile
+            continue
+    return found
+
+
+def _set_policy(tids: list, policy: int) -> list:
+    """Apply `policy` to the threads; returns those that took it (a thread may have ended, or the policy may be
+    refused by the host)."""
+    done = []
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+            done.append(tid)
+        except OSError:
+            continue
+    return done
+
+
+@contextlib.contextmanager
+def idle_pipeline():
+    """While a loop of compiled-graph calls runs on the CPU: MindSpore's spinning pipeline thread
+    (`SPINNING_THREADS`) under the SCHED_IDLE policy, so it runs only when a core has nothing else to do, and back
+    to the normal policy afterwards. Only around compiled graphs: PyNative ops run *on* that thread, and an idle
+    thread made a PyNative generate 2–3× slower. Linux only; a no-op on Ascend (the host cores feed the NPU there),
+    when nested, and with $MINDONE_IDLE_PIPELINE=0."""
+    global _spinning, _idle_depth
+    if _idle_depth or not _idle_enabled():
+        _idle_depth += 1
+        try:
+            yield
+        finally:
+            _idle_depth -= 1
+        return
+    _idle_depth += 1
+    changed = _set_policy(_spinning, os.SCHED_IDLE) if _spinning else []
+    if len(changed) != len(_spinning) or not _spinning:  # first use, or the threads changed: look again
+        _set_policy(changed, os.SCHED_OTHER)
+        _spinning = _scan_spinning_threads()
+        changed = _set_policy(_spinning, os.SCHED_IDLE)
+    try:
+        yield
+    finally:
+        _set_policy(changed, os.SCHED_OTHER)
+        _idle_depth -= 1
 
 
 def synchronize(tensor) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
-from ..device import as_graph_inputs, jit_cell
+from ..device import as_graph_inputs, idle_pipeline, jit_cell
 from ..ops import attention as attention_ops, kernels
 from ..ops.attention import EagerAttention, make_attention
 from ..ops.kv_cache import KVCache, scatter_index, write_cache
@@ -219,9 +219,10 @@ class LlamaModel(nn.Cell):
         if chunk == s:
             rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
             rope = ms.mutable(rope)  # tensors in a tuple input are graph constants (a recompile per value) else
-            for layer in self.layers:
-                h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s),
-                                      *as_graph_inputs(layer.state()))
+            with idle_pipeline():  # compiled calls only: see device.idle_pipeline
+                for layer in self.layers:
+                    h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s),
+                                          *as_graph_inputs(layer.state()))
             return self.norm(h).reshape(b, s, hidden)
         cache_keep = np.ones((b, self.cache_shape[1]), np.bool_)  # the prompt's key mask, then every later slot
         if key_keep is not None:
@@ -234,9 +235,11 @@ class LlamaModel(nn.Cell):
             rope, mask, index = self.tables(position_ids[:, part], cache_keep, slots[part], False, True)
             rope = ms.mutable(rope)
             x = h[:, part].reshape(b * chunk, hidden)
-            for layer in self.layers:
-                x = self._layer_graph(x, rope, mask, slots[part], index, "decode", (b, chunk),
-                                      *as_graph_inputs(layer.state()))
+            chunk_slots = slots[part]
+            with idle_pipeline():
+                for layer in self.layers:
+                    x = self._layer_graph(x, rope, mask, chunk_slots, index, "decode", (b, chunk),
+                                          *as_graph_inputs(layer.state()))
             outs.append(x.reshape(b, chunk, hidden))
         return self.norm(ops.cat(outs, axis=1))
 
