@@ -114,3 +114,35 @@ def test_prefill_in_chunks_equals_one_call_and_the_reference(ckpt_a, model_a, mo
     assert relative_l2(chunked.asnumpy(), whole.asnumpy()) < 1e-5
     assert relative_l2(chunked.asnumpy(), ref) < 1e-5
     np.testing.assert_array_equal(generate(model_a, ids, mask, pv, pam, max_new_tokens=6), whole_tokens)
+
+
+def test_vision_attention_takes_a_chunk_in_one_block_while_text_splits(ckpt_a, model_a, monkeypatch):
+    """A vision call is bounded by its chunk of tiles, so its attention computes all of a tile's queries at once
+    (blocks cost 45% of a SigLIP layer in MindSpore's CPU graphs), even under a budget that would split them; the
+    text path (query_blocks=True, the default) still splits."""
+    calls = []
+    real = attention_ops._attention_block
+
+    def counting(q, *args):
+        calls.append(q.shape[2])
+        return real(q, *args)
+
+    monkeypatch.setattr(attention_ops, "_attention_block", counting)
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 64)
+    _, _, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(9), **BATCH)
+    got = _features(model_a, pv, pam, 1, False)  # PyNative: the Python attention runs once per layer and tile
+    cfg = model_a.config.vision_config
+    assert len(calls) == 5 * cfg.num_hidden_layers and set(calls) == {cfg.patches_per_side ** 2}
+    monkeypatch.setattr(attention_ops, "_attention_block", real)
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 1 << 22)
+    assert relative_l2(got, _features(model_a, pv, pam, 1, False)) < 1e-6
+
+    calls.clear()
+    monkeypatch.setattr(attention_ops, "_attention_block", counting)
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 64)
+    q = Tensor(np.random.default_rng(10).standard_normal((1, 2, 32, 8), np.float32))
+    attention_ops.attention(q, q, q, None, 8 ** -0.5)
+    assert calls == [1] * 32  # 64 scores: one query of 2 heads × 32 keys per block
+    calls.clear()
+    attention_ops.attention(q, q, q, None, 8 ** -0.5, query_blocks=False)
+    assert calls == [32]
