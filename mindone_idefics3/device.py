@@ -160,24 +160,33 @@ def _scan_spinning_threads() -> list:
     return found
 
 
-def _set_policy(tids: list, policy: int) -> list:
-    """Apply `policy` to the threads; returns those that took it (a thread may have ended, or the policy may be
-    refused by the host)."""
-    done = []
+def _set_idle(tids: list) -> dict:
+    """SCHED_IDLE for the threads; returns {tid: the policy it had} for those that took it (a thread may have
+    ended, or the host may refuse the policy)."""
+    done = {}
     for tid in tids:
         try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-            done.append(tid)
+            before = os.sched_getscheduler(tid)
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            done[tid] = before
         except OSError:
             continue
     return done
+
+
+def _restore(previous: dict) -> None:
+    for tid, policy in previous.items():
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError:  # the thread ended meanwhile
+            continue
 
 
 @contextlib.contextmanager
 def idle_pipeline():
     """While a loop of compiled-graph calls runs on the CPU: MindSpore's spinning pipeline thread
     (`SPINNING_THREADS`) under the SCHED_IDLE policy, so it runs only when a core has nothing else to do, and back
-    to the normal policy afterwards. Only around compiled graphs: PyNative ops run *on* that thread, and an idle
+    to the policy it had afterwards. Only around compiled graphs: PyNative ops run *on* that thread, and an idle
     thread made a PyNative generate 2–3× slower. Linux only; a no-op on Ascend (the host cores feed the NPU there),
     when nested, and with $MINDONE_IDLE_PIPELINE=0."""
     global _spinning, _idle_depth
@@ -189,15 +198,15 @@ def idle_pipeline():
             _idle_depth -= 1
         return
     _idle_depth += 1
-    changed = _set_policy(_spinning, os.SCHED_IDLE) if _spinning else []
-    if len(changed) != len(_spinning) or not _spinning:  # first use, or the threads changed: look again
-        _set_policy(changed, os.SCHED_OTHER)
+    previous = _set_idle(_spinning)
+    if len(previous) != len(_spinning) or not _spinning:  # first use, or the threads changed: look again
+        _restore(previous)
         _spinning = _scan_spinning_threads()
-        changed = _set_policy(_spinning, os.SCHED_IDLE)
+        previous = _set_idle(_spinning)
     try:
         yield
     finally:
-        _set_policy(changed, os.SCHED_OTHER)
+        _restore(previous)
         _idle_depth -= 1
 
 

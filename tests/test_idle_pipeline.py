@@ -36,6 +36,12 @@ try:
     record["after"] = policies()
     with device.idle_pipeline():
         record["again"] = policies()
+    for tid in os.listdir("/proc/self/task"):  # a policy someone else gave the thread comes back too
+        if open(f"/proc/self/task/{tid}/comm").read().strip() == "frontend_queue":
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+    with device.idle_pipeline():
+        record["inside_batch"] = policies()
+    record["after_batch"] = policies()
 except Exception as exc:  # the tests read the message
     record["error"] = f"{type(exc).__name__}: {exc}"
 print(json.dumps(record))
@@ -64,6 +70,8 @@ def test_the_pipeline_thread_is_idle_inside_only():
     assert set(spinning(record["after_nested"])) == {os.SCHED_IDLE}  # the inner context does not restore it
     assert set(spinning(record["after"])) == {os.SCHED_OTHER}
     assert set(spinning(record["again"])) == {os.SCHED_IDLE}
+    assert set(spinning(record["inside_batch"])) == {os.SCHED_IDLE}
+    assert set(spinning(record["after_batch"])) == {os.SCHED_BATCH}
     others = [p for name, ps in record["inside"].items() if name != "frontend_queue" for p in ps]
     assert set(others) == {os.SCHED_OTHER}  # the kernel threads and Python keep theirs
 
