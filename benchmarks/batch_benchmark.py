@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
 from bench.memory import peak_rss_mb  # noqa: E402
-from bench.processes import run_child  # noqa: E402
+from bench.processes import run_jobs, save_results, script_main  # noqa: E402
 from bench.presets import ensure_preset  # noqa: E402
 
 PRESET = "smolvlm-256m"
@@ -175,10 +175,8 @@ def summary(passes, job: dict) -> dict:
                 peak_rss_mb=round(peak_rss_mb()), answers={str(r["id"]): r.get("answer") for r in records})
 
 
-def child_main(job_path: Path) -> int:
-    job = json.loads(job_path.read_text())
-    result = ours(job) if job["impl"] == "mindone_idefics3" else reference(job)
-    Path(job["out"]).write_text(json.dumps(result))
+def child_main(job: dict) -> int:
+    save_results(job, ours(job) if job["impl"] == "mindone_idefics3" else reference(job))
     return 0
 
 
@@ -204,9 +202,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        return child_main(Path(argv[1]))
+    return script_main(argv, run_all, child_main)
+
+
+def run_all(argv) -> int:
     args = parse_args(argv)
     load_at_start = os.getloadavg()[0]
     os.environ.setdefault("GLOG_v", "3")
@@ -216,17 +215,10 @@ def main(argv=None) -> int:
     work = Path(args.work_dir)
     checkpoint = batch_checkpoint(work)
     source = write_photos(work / "batch-photos", args.rows, args.width, args.height)
-    jobs = [("mindone_idefics3", b) for b in args.batches] + ([("transformers", 1)] if args.reference == "hf" else [])
-    rows: List[Dict] = []
-    for impl, batch in jobs:
-        job = dict(impl=impl, batch=batch, checkpoint=str(checkpoint), input=str(source), threads=threads,
-                   new_tokens=args.new_tokens, splitting=args.image_splitting)
-        print(f"{impl} batch {batch} ...", file=sys.stderr, flush=True)
-        result, failed = run_child(Path(__file__).resolve(), job)
-        if failed:
-            print(f"{impl} batch {batch}: {failed}", file=sys.stderr)
-            continue
-        rows.append(result)
+    runs = [("mindone_idefics3", b) for b in args.batches] + ([("transformers", 1)] if args.reference == "hf" else [])
+    jobs = [dict(impl=impl, batch=batch, checkpoint=str(checkpoint), input=str(source), threads=threads,
+                 new_tokens=args.new_tokens, splitting=args.image_splitting) for impl, batch in runs]
+    rows = run_jobs(Path(__file__).resolve(), jobs, lambda job: f"{job['impl']} batch {job['batch']}")
     ref = next((r for r in rows if r["impl"] == "transformers"), None)
     for r in rows:
         if ref and r is not ref:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import batch_benchmark  # noqa: E402  (the SmolVLM-shaped checkpoint with a tokenizer, and photos)
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
 from bench.memory import peak_rss_mb  # noqa: E402
-from bench.processes import run_child  # noqa: E402
+from bench.processes import run_jobs, save_results, script_main  # noqa: E402
 
 ANSWER = "The photo shows a few coloured shapes on a smooth background, with some noise like a real camera makes."
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -178,10 +178,8 @@ def timed(job: dict, steps: List[dict], step) -> dict:
                 first_loss=round(losses[0], 5))
 
 
-def child_main(job_path: Path) -> int:
-    job = json.loads(job_path.read_text())
-    result = ours(job) if job["impl"] == "mindone_idefics3" else reference(job)
-    Path(job["out"]).write_text(json.dumps(result))
+def child_main(job: dict) -> int:
+    save_results(job, ours(job) if job["impl"] == "mindone_idefics3" else reference(job))
     return 0
 
 
@@ -206,9 +204,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child"]:
-        return child_main(Path(argv[1]))
+    return script_main(argv, run_all, child_main)
+
+
+def run_all(argv) -> int:
     args = parse_args(argv)
     load_at_start = os.getloadavg()[0]
     os.environ.setdefault("GLOG_v", "3")
@@ -219,19 +218,13 @@ def main(argv=None) -> int:
     checkpoint = batch_benchmark.batch_checkpoint(work)
     data = write_data(work / "finetune-photos", max(4, args.batch_size * (args.steps + 1)))
     impls = ["mindone_idefics3"] + (["transformers+peft"] if args.reference == "hf" else [])
-    jobs = [(impl, mode, rc == "on") for mode in args.modes.split(",") for rc in args.recompute.split(",")
-            for impl in impls]
-    rows: List[Dict] = []
-    for impl, mode, recompute in jobs:
-        job = dict(impl=impl, mode=mode, recompute=recompute, checkpoint=str(checkpoint), data=str(data),
-                   threads=threads, steps=args.steps, batch=args.batch_size)
-        print(f"{impl} {mode} recompute={recompute} ...", file=sys.stderr, flush=True)
-        result, failed = run_child(Path(__file__).resolve(), job)
-        if failed:
-            print(f"{impl} {mode}: {failed}", file=sys.stderr)
-            continue
-        rows.append(result)
-        write_results(args, threads, load_at_start, rows)  # kept as measured, should a later one fail or stop
+    jobs = [dict(impl=impl, mode=mode, recompute=rc == "on", checkpoint=str(checkpoint), data=str(data),
+                 threads=threads, steps=args.steps, batch=args.batch_size)
+            for mode in args.modes.split(",") for rc in args.recompute.split(",") for impl in impls]
+    rows = run_jobs(Path(__file__).resolve(), jobs,
+                    lambda job: f"{job['impl']} {job['mode']} recompute={job['recompute']}",
+                    # kept as measured, should a later one fail or stop
+                    after_each=lambda done: write_results(args, threads, load_at_start, done))
     result = write_results(args, threads, load_at_start, rows)
     table = markdown(result)
     Path(args.out).with_suffix(".md").write_text(table + "\n")

@@ -3,7 +3,8 @@
 - `run_child(script, job)`: a script re-runs itself as `script --child JOB.json` (MindSpore keeps every graph it
   compiled, so one process for everything would grow by GBs, and a peak RSS is only clean in a fresh process);
   `script_main` hands the child its job, which saves its results with `save_results` after each row, so a crash
-  keeps what was measured.
+  keeps what was measured. `run_jobs(script, jobs, label)`: run_child over a list of jobs, failures reported and
+  skipped.
 - `run_measured(cmd)`: a command's wall time (spawn to exit) and peak RSS, read with os.wait4 by a lean launcher
   (a child's ru_maxrss starts from the RSS of the process that forked it: a benchmark holding models would
   inflate it).
@@ -36,6 +37,23 @@ def run_child(script: Path, job: dict) -> Tuple[dict, Optional[str]]:
         return results, None
     why = "killed by the system (out of memory?)" if code == -9 else f"exit code {code}, see stderr"
     return results, f"the measuring process failed: {why}"
+
+
+def run_jobs(script: Path, jobs: List[dict], label: Callable[[dict], str],
+             after_each: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """`run_child` for each job in turn (progress and failures on stderr, a failed job skipped); returns the
+    results of those that succeeded. after_each(results so far) runs after every success (e.g. to save them)."""
+    rows: List[dict] = []
+    for job in jobs:
+        print(f"{label(job)} ...", file=sys.stderr, flush=True)
+        result, failed = run_child(script, job)
+        if failed:
+            print(f"{label(job)}: {failed}", file=sys.stderr)
+            continue
+        rows.append(result)
+        if after_each is not None:
+            after_each(rows)
+    return rows
 
 
 def script_main(argv: Optional[List[str]], parent: Callable[[List[str]], int],
