@@ -186,7 +186,7 @@ def logits_check(model, ref, inputs: dict) -> dict:
     if ref is not None:
         import torch
 
-        from mindone_idefics3.model.idefics3 import position_ids_from_mask
+        from mindone_idefics3.ops.rope import position_ids_from_mask
         from mindone_idefics3.testing import corrected_position_ids
 
         positions = position_ids_from_mask(inputs["attention_mask"]).astype(np.int64)  # ours, given explicitly

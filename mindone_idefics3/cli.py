@@ -10,7 +10,7 @@ import time
 from typing import List, Optional
 
 from .cli_options import (add_model_arguments, add_sampling_arguments, check_max_new_tokens, dtype_label,
-                          generation_options, load_processor_and_model, model_inputs, peak_rss_mb,
+                          generation_options, load_processor_and_model, peak_rss_mb,
                           run_command)
 
 DEFAULT_MODEL = "HuggingFaceM4/Idefics3-8B-Llama3"
@@ -81,25 +81,22 @@ def _answer(args: argparse.Namespace) -> int:
     images = [load_image(src) for src in args.image]  # bad images fail before the slow model load
     processor, model, device, load_seconds = load_processor_and_model(args)
     messages = question_turns(args.prompt, len(images), args.system)
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="np")
+    inputs = processor.chat_inputs(messages, images)
     # reading the images, loading the processor and running the prompt through it: all but the model's load
     processor_seconds = time.perf_counter() - t_images - load_seconds
     gen_kwargs = dict(generation_options(args), use_jit=not args.no_jit)
     cache_dir = None
     if not (args.no_compile_cache or args.no_jit):
         from .compile_cache import DEFAULT_DIR, enable, request_signature
-        from .model.idefics3 import VISION_CHUNK_TILES
+        from .generation import sampling_params
 
-        greedy = not gen_kwargs["do_sample"] and gen_kwargs["repetition_penalty"] == 1
-        signature = request_signature(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                                      inputs.get("pixel_attention_mask"), args.max_new_tokens, greedy,
-                                      VISION_CHUNK_TILES[device])
+        greedy = sampling_params(1, **generation_options(args)).greedy
+        signature = request_signature(model, inputs, args.max_new_tokens, greedy)
         cache_dir = enable(args.compile_cache or DEFAULT_DIR, model.model_dir, dtype_name(model.dtype), device,
                            signature)
     stats = GenerationStats()
     pieces = []
-    for piece in stream_generate(model, processor, **model_inputs(inputs), stats=stats, **gen_kwargs):
+    for piece in stream_generate(model, processor, **inputs, stats=stats, **gen_kwargs):
         pieces.append(piece)
         if not (args.no_stream or args.json):
             print(piece, end="", flush=True)

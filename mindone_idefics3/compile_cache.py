@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mindone_idefics3" / "compile"
 
@@ -35,27 +34,23 @@ def _package_digest() -> str:
     return digest.hexdigest()
 
 
-def request_signature(input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: Optional[np.ndarray],
-                      pixel_attention_mask: Optional[np.ndarray], max_new_tokens: int, greedy: bool,
-                      vision_chunk: int) -> dict:
-    """What decides the graphs one compiled generate() call makes, in order: the vision chunks' shapes and
-    whether their tiles have padded patches (first appearance of each), the prompt bucket, whether a prompt is
-    padded, the cache length, greedy or sampled steps. Prompts of one bucket share it (not just equal lengths)."""
+def request_signature(model, inputs, max_new_tokens: int, greedy: bool) -> dict:
+    """What decides the graphs one compiled generate() call of `model` makes, in order: the vision chunks' shapes
+    and whether their tiles have padded patches (first appearance of each), the prompt bucket, whether a prompt is
+    padded, the cache length, greedy or sampled steps. Prompts of one bucket share it (not just equal lengths).
+    Each rule is asked of the code that applies it (generation's buckets, the model's vision chunks)."""
     from .generation import cache_length, prompt_slots
 
-    batch, length = input_ids.shape
+    batch, length = inputs["input_ids"].shape
     vision = []
-    if pixel_values is not None:
-        tiles = pixel_values.reshape(-1, *pixel_values.shape[2:])
-        real = ~np.all(tiles == 0, axis=(1, 2, 3))  # padding images are dropped, as prepare_vision_inputs does
-        masks = np.asarray(pixel_attention_mask).reshape(len(tiles), -1)[real]
-        for start in range(0, len(masks), vision_chunk):
-            chunk = (len(masks[start:start + vision_chunk]), bool(masks[start:start + vision_chunk].all()))
+    if inputs.get("pixel_values") is not None:
+        vision = [[*inputs["pixel_values"].shape[2:]]]
+        for chunk in model.vision_chunks(inputs["pixel_values"], inputs["pixel_attention_mask"]):
             if chunk not in vision:
                 vision.append(chunk)
-        vision = [list(tiles.shape[1:])] + vision
-    return dict(batch=batch, prompt_slots=prompt_slots(length, True), padded=bool(not attention_mask.all()),
-                cache_length=cache_length(prompt_slots(length, True) + max_new_tokens), greedy=greedy, vision=vision)
+    slots = prompt_slots(length, True)
+    return dict(batch=batch, prompt_slots=slots, padded=bool(not inputs["attention_mask"].all()),
+                cache_length=cache_length(slots + max_new_tokens), greedy=greedy, vision=vision)
 
 
 def enable(root: Path, model_dir: Path, dtype: str, device: Optional[str], request: dict) -> Path:

@@ -3,27 +3,36 @@
 Reads like gpt-fast: `setup_caches` → `prefill` → a plain loop over `decode_step` that only reads back the
 sampled ids. Greedy decoding takes the argmax inside the compiled step; sampling (temperature / top-k / top-p /
 repetition penalty) reads the step's fp32 logits back and samples on the host with a seeded numpy generator.
+
+Everything about decoding lives here: the compiled steps (kept with the caches they were compiled against), cache
+and prompt bucketing, stop ids, per-row sampling options (`SamplingParams`) and the loop that yields each step's
+tokens and the rows that finished at it (`generate_steps`), which the command line, batch inference and the server
+all use. The model class takes `generate` from `GenerationMixin` (as transformers' models do); this module never
+imports the model: it uses the model object it is handed (`model.embed_prompt`, `model.logits`,
+`model.model.text_model`'s caches, prefill and forward, `config`, `generation_config`, `model_dir`).
 """
 from __future__ import annotations
 
-import functools
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import weakref
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .device import jit_cell, synchronize
 from .errors import Idefics3Error
-from .model.idefics3 import key_keep_or_none, position_ids_from_mask
+from .ops.attention import key_keep_or_none
+from .ops.rope import position_ids_from_mask
+from .processing.tokenizer import added_token_id
+from .device import jit_cell, synchronize
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are CACHE_BUCKET x a power of two, so compiled steps are reused
-PREFILL_BUCKET = 64  # compiled prefills see prompt lengths rounded up to a multiple of this
+# Compiled prefills see prompt lengths rounded up to a multiple of this; the model's chunked prefill cuts prompts
+# into multiples of it (model/llama.py), so every bucketed prompt can be chunked.
+PREFILL_BUCKET = 64
 RowOption = Union[float, int, bool, None, Sequence]  # one value for the batch, or one per row
 
 
@@ -77,34 +86,10 @@ def stop_token_ids(model, eos_token_id: Union[int, Sequence[int], None] = None) 
     if eos is None:
         eos = model.generation_config.get("eos_token_id", model.config.text_config.eos_token_id)
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    eou = end_of_utterance_id(model.model_dir)
+    eou = added_token_id(model.model_dir, END_OF_UTTERANCE)
     if eou is not None and eou not in ids:
         ids.append(eou)
     return ids
-
-
-@functools.lru_cache(maxsize=16)
-def end_of_utterance_id(model_dir: Optional[str]) -> Optional[int]:
-    """The id of `<end_of_utterance>` from the checkpoint's tokenizer files, if any (read once per directory: a
-    Llama 3 tokenizer.json is ~9 MB of JSON)."""
-    if not model_dir:
-        return None
-    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
-        path = Path(model_dir) / name
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if name == "tokenizer.json":
-            for tok in data.get("added_tokens", []):
-                if tok.get("content") == END_OF_UTTERANCE:
-                    return int(tok["id"])
-        elif name == "added_tokens.json" and END_OF_UTTERANCE in data:
-            return int(data[END_OF_UTTERANCE])
-        elif name == "tokenizer_config.json":
-            for tid, tok in data.get("added_tokens_decoder", {}).items():
-                if tok.get("content") == END_OF_UTTERANCE:
-                    return int(tid)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -143,9 +128,18 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+# The compiled steps of each set of caches (`LayerCaches`), as long as the model keeps those caches.
+_compiled_steps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_steps(model) -> dict:
+    """The decode steps made against the model's current caches: {(greedy, use_jit): step}."""
+    return _compiled_steps.setdefault(model.model.text_model.caches, {})
+
+
 def decode_step_fn(model, greedy: bool, use_jit: bool) -> Callable:
     """The decode step for the model's current caches: compiled once per (cache shape, greedy) and kept with them."""
-    steps = model.model.text_model.compiled_steps
+    steps = compiled_steps(model)
     key = (greedy, use_jit)
     if key not in steps:
         cell = DecodeStep(model, greedy, compiled=use_jit)
@@ -199,113 +193,50 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     return logits, Tensor(key_keep)
 
 
-def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
-                   max_new_tokens: int = 20, do_sample: RowOption = False, temperature: RowOption = 1.0,
-                   top_k: RowOption = 0, top_p: RowOption = 1.0, repetition_penalty: float = 1.0,
-                   eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-                   seed: RowOption = None, use_jit: bool = True,
-                   stats: Optional[GenerationStats] = None) -> Iterator[np.ndarray]:
-    """Yield the next token of every row, (B,) int64, until all rows stopped or max_new_tokens were made.
+# ----------------------------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row is decoded (vLLM's `SamplingParams`, transformers' names): greedy unless do_sample."""
 
-    Rows that already stopped yield the pad id. This is the loop under `generate` and `stream_generate`.
-    do_sample, temperature, top_k, top_p and seed are one value for the batch, or a list with one value per row
-    (a server's requests): each row is then sampled with its own options and its own seeded generator, so a
-    sampled row draws the same numbers whatever else shares its batch; greedy rows take the argmax.
-    """
-    ids = model.check_input_ids(input_ids)
-    per_row = any(isinstance(v, (list, tuple, np.ndarray)) for v in (do_sample, temperature, top_k, top_p, seed))
-    if per_row:
-        do_sample, temperature, top_k, top_p, seed = (
-            _per_row(name, value, ids.shape[0]) for name, value in
-            (("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-             ("seed", seed)))
-        for t, k, p in zip(temperature, top_k, top_p):
-            _check_sampling_args(max_new_tokens, t, k, p, repetition_penalty)
-    else:
-        _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    mask = model.check_attention_mask(attention_mask, ids.shape)
-    if (mask[:, -1] == 0).any():
-        raise Idefics3Error("attention_mask has padding at the end of a row; generation needs left padding "
-                            "(the processor pads on the left)")
-    b, s = ids.shape
-    context = model.config.text_config.max_position_embeddings
-    if s + max_new_tokens > context:
-        raise Idefics3Error(f"the prompt has {s} tokens; with max_new_tokens={max_new_tokens} that is "
-                            f"{s + max_new_tokens}, beyond the model's context of {context} tokens: shorten the "
-                            "prompt, use fewer/smaller images (a smaller longest_edge) or lower max_new_tokens")
-    stop = np.array(stop_token_ids(model, eos_token_id), np.int64)
-    pad = pad_token_id if pad_token_id is not None else model.generation_config.get(
-        "pad_token_id", model.config.text_config.pad_token_id)
-    pad = int(pad if pad is not None else (stop[0] if stop.size else 0))
-    stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens = s
-    greedy = not any(do_sample if per_row else [do_sample]) and repetition_penalty == 1.0
-    rngs = [np.random.default_rng(s) for s in seed] if per_row else None
-    rng = None if per_row else np.random.default_rng(seed)
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: Optional[int] = None
 
-    t0 = time.perf_counter()
-    first_slot = prompt_slots(s, use_jit)  # decode writes from here on
-    cache_len = cache_length(first_slot + max_new_tokens)
-    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats)
-    sequences = ids.astype(np.int64)
-    next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token
-    finished = np.zeros(b, bool)
-    step = decode_step_fn(model, greedy, use_jit)
+    @property
+    def greedy(self) -> bool:
+        """Whether the row's token is the argmax of its plain logits (taken inside the compiled step)."""
+        return not self.do_sample and self.repetition_penalty == 1.0
 
-    def from_logits(scores: np.ndarray) -> np.ndarray:
-        scores = apply_repetition_penalty(scores, sequences, repetition_penalty)
-        if per_row:
-            out = scores.argmax(-1).astype(np.int64)
-            for r in np.flatnonzero(do_sample):
-                out[r] = sample(scores[r:r + 1], rngs[r], temperature[r], top_k[r], top_p[r])[0]
-            return out
-        if do_sample:
-            return sample(scores, rng, temperature, top_k, top_p).astype(np.int64)
-        return scores.argmax(-1).astype(np.int64)
-
-    token = from_logits(logits.asnumpy())
-    for t in range(max_new_tokens):
-        token = np.where(finished, pad, token)
-        if t == 0:
-            stats.time_to_first_token = time.perf_counter() - t0
-        finished |= np.isin(token, stop)
-        sequences = np.concatenate([sequences, token[:, None]], axis=1)
-        stats.new_tokens = t + 1
-        stats.new_ids.append(token)
-        yield token
-        if finished.all() or t == max_new_tokens - 1:
-            break
-        t_step = time.perf_counter()
-        out = step(Tensor(token[:, None].astype(np.int32)), Tensor(next_pos), Tensor([first_slot + t], ms.int32),
-                   key_keep)
-        token = out.asnumpy().astype(np.int64) if greedy else from_logits(out.asnumpy())
-        elapsed = time.perf_counter() - t_step
-        if t == 0:
-            stats.first_step_seconds = elapsed
-        else:
-            stats.decode_seconds += elapsed
-            stats.decode_steps += 1
-        next_pos = next_pos + 1
+    def check(self) -> None:
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 0:
+            raise Idefics3Error(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if self.temperature <= 0:
+            raise Idefics3Error(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise Idefics3Error(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise Idefics3Error(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise Idefics3Error(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
-             streamer=None, stats: Optional[GenerationStats] = None, **kwargs) -> np.ndarray:
-    """The prompt followed by the new tokens, (B, S + new) int64, like transformers' generate.
-
-    Each row stops at any stop id (eos + `<end_of_utterance>`) and is padded after it; generation ends when every
-    row stopped or after max_new_tokens. `streamer` (optional) gets `put(tokens (B,))` per step and `end()`.
-    """
-    ids = model.check_input_ids(input_ids)
-    new = []
-    for token in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, stats=stats,
-                                **kwargs):
-        new.append(token)
-        if streamer is not None:
-            streamer.put(token)
-    if streamer is not None:
-        streamer.end()
-    new_ids = np.stack(new, axis=1) if new else np.zeros((ids.shape[0], 0), np.int64)
-    return np.concatenate([ids.astype(np.int64), new_ids], axis=1)
+def sampling_params(rows: int, *, max_new_tokens: int = 20, do_sample: RowOption = False,
+                    temperature: RowOption = 1.0, top_k: RowOption = 0, top_p: RowOption = 1.0,
+                    repetition_penalty: float = 1.0, seed: RowOption = None
+                    ) -> Union[SamplingParams, List[SamplingParams]]:
+    """`generate`'s keyword options as SamplingParams: one for the batch when every option is one value, else a
+    list with one per row (do_sample, temperature, top_k, top_p and seed may be given per row)."""
+    per_row = {name: value for name, value in (("do_sample", do_sample), ("temperature", temperature),
+                                                ("top_k", top_k), ("top_p", top_p), ("seed", seed))}
+    common = SamplingParams(max_new_tokens, repetition_penalty=repetition_penalty)
+    if not any(isinstance(v, (list, tuple, np.ndarray)) for v in per_row.values()):
+        return replace(common, **per_row)
+    columns = {name: _per_row(name, value, rows) for name, value in per_row.items()}
+    return [replace(common, **{name: column[r] for name, column in columns.items()}) for r in range(rows)]
 
 
 def _per_row(name: str, value, rows: int) -> list:
@@ -318,21 +249,144 @@ def _per_row(name: str, value, rows: int) -> list:
     return list(value)
 
 
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise Idefics3Error(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature <= 0:
-        raise Idefics3Error(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-    if top_k < 0:
-        raise Idefics3Error(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise Idefics3Error(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise Idefics3Error(f"repetition_penalty must be > 0, got {repetition_penalty}")
+class Sampler:
+    """Each row's next token from its logits, as its SamplingParams say. One SamplingParams for the batch: the rows
+    draw from one generator seeded by it, in row order (as one batched draw would); one per row (a server's
+    requests): each row from its own generator, so a seeded row draws the same numbers whatever shares its batch."""
+
+    def __init__(self, params: Union[SamplingParams, Sequence[SamplingParams]], rows: int):
+        shared = isinstance(params, SamplingParams)
+        self.rows = [params] * rows if shared else list(params)
+        if len(self.rows) != rows:
+            raise Idefics3Error(f"{len(self.rows)} SamplingParams for a batch of {rows} rows; give one per row")
+        for row in self.rows:
+            row.check()
+        generator = np.random.default_rng(params.seed) if shared else None
+        self.generators = [generator or np.random.default_rng(row.seed) for row in self.rows]
+        self.greedy = all(row.greedy for row in self.rows)
+
+    def __call__(self, logits: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+        """(B, V) fp32 logits and the (B, S) ids so far → (B,) int64."""
+        out = np.empty(len(self.rows), np.int64)
+        for r, (row, rng) in enumerate(zip(self.rows, self.generators)):
+            scores = apply_repetition_penalty(logits[r:r + 1], sequences[r:r + 1], row.repetition_penalty)
+            if row.do_sample:
+                out[r] = sample(scores, rng, row.temperature, row.top_k, row.top_p)[0]
+            else:
+                out[r] = scores[0].argmax()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+@dataclass
+class Step:
+    """One decode step of a batch, each row's view of it.
+
+    tokens (B,) int64: each row's new token (the pad id for rows that had finished before this step); live (B,)
+    bool: the rows whose token is new; finished: per row, why it ended at this step — "stop" (a stop token, which
+    is its last token) or "length" (its max_new_tokens) — or None."""
+
+    tokens: np.ndarray
+    live: np.ndarray
+    finished: List[Optional[str]]
+
+
+def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
+                   params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams(), *,
+                   eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                   use_jit: bool = True, stats: Optional[GenerationStats] = None) -> Iterator[Step]:
+    """Yield each decode step of the batch until every row finished: a row ends at any stop id (eos +
+    `<end_of_utterance>`) or after its own max_new_tokens. This is the loop under `generate`, `stream_generate`,
+    batch inference and the server.
+
+    params: one SamplingParams for the batch, or one per row (see `Sampler`).
+    """
+    ids = model.check_input_ids(input_ids)
+    b, s = ids.shape
+    sampler = Sampler(params, b)
+    limits = np.array([row.max_new_tokens for row in sampler.rows], np.int64)
+    longest = int(limits.max())
+    mask = model.check_attention_mask(attention_mask, ids.shape)
+    if (mask[:, -1] == 0).any():
+        raise Idefics3Error("attention_mask has padding at the end of a row; generation needs left padding "
+                            "(the processor pads on the left)")
+    context = model.config.text_config.max_position_embeddings
+    if s + longest > context:
+        raise Idefics3Error(f"the prompt has {s} tokens; with max_new_tokens={longest} that is "
+                            f"{s + longest}, beyond the model's context of {context} tokens: shorten the "
+                            "prompt, use fewer/smaller images (a smaller longest_edge) or lower max_new_tokens")
+    stop = np.array(stop_token_ids(model, eos_token_id), np.int64)
+    pad = pad_token_id if pad_token_id is not None else model.generation_config.get(
+        "pad_token_id", model.config.text_config.pad_token_id)
+    pad = int(pad if pad is not None else (stop[0] if stop.size else 0))
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = s
+
+    t0 = time.perf_counter()
+    first_slot = prompt_slots(s, use_jit)  # decode writes from here on
+    cache_len = cache_length(first_slot + longest)
+    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats)
+    sequences = ids.astype(np.int64)
+    next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token
+    ended = limits == 0
+    step = decode_step_fn(model, sampler.greedy, use_jit)
+    token = sampler(logits.asnumpy(), sequences)
+    for t in range(longest):
+        token = np.where(ended, pad, token)
+        if t == 0:
+            stats.time_to_first_token = time.perf_counter() - t0
+        stopped = ~ended & np.isin(token, stop)
+        out_of_room = ~ended & ~stopped & (t + 1 >= limits)
+        finished = ["stop" if a else "length" if o else None for a, o in zip(stopped, out_of_room)]
+        sequences = np.concatenate([sequences, token[:, None]], axis=1)
+        stats.new_tokens = t + 1
+        stats.new_ids.append(token)
+        yield Step(token, ~ended, finished)
+        ended = ended | stopped | out_of_room
+        if ended.all():
+            break
+        t_step = time.perf_counter()
+        out = step(Tensor(token[:, None].astype(np.int32)), Tensor(next_pos), Tensor([first_slot + t], ms.int32),
+                   key_keep)
+        token = out.asnumpy().astype(np.int64) if sampler.greedy else sampler(out.asnumpy(), sequences)
+        elapsed = time.perf_counter() - t_step
+        if t == 0:
+            stats.first_step_seconds = elapsed
+        else:
+            stats.decode_seconds += elapsed
+            stats.decode_steps += 1
+        next_pos = next_pos + 1
+
+
+def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
+             streamer=None, stats: Optional[GenerationStats] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+             use_jit: bool = True, **options) -> np.ndarray:
+    """The prompt followed by the new tokens, (B, S + new) int64, like transformers' generate.
+
+    options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed (see `sampling_params`:
+    one value, or one per row for the sampling ones). Each row stops at any stop id (eos + `<end_of_utterance>`)
+    and is padded after it; generation ends when every row stopped or after max_new_tokens. `streamer` (optional)
+    gets `put(tokens (B,))` per step and `end()`.
+    """
+    ids = model.check_input_ids(input_ids)
+    params = sampling_params(ids.shape[0], **options)
+    new = []
+    for step in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, params,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_jit=use_jit, stats=stats):
+        new.append(step.tokens)
+        if streamer is not None:
+            streamer.put(step.tokens)
+    if streamer is not None:
+        streamer.end()
+    new_ids = np.stack(new, axis=1) if new else np.zeros((ids.shape[0], 0), np.int64)
+    return np.concatenate([ids.astype(np.int64), new_ids], axis=1)
 
 
 def stream_generate(model, processor, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                    *, skip_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+                    *, skip_special_tokens: bool = True, stats: Optional[GenerationStats] = None,
+                    eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
+                    use_jit: bool = True, **options) -> Iterator[str]:
     """Yield the answer to one prompt as text pieces while tokens arrive.
 
     Pieces never split a multi-byte character and concatenate to `processor.batch_decode(new_ids,
@@ -345,11 +399,30 @@ def stream_generate(model, processor, input_ids, attention_mask=None, pixel_valu
         raise Idefics3Error(f"stream_generate streams one prompt, got a batch of {ids.shape[0]}; use "
                             "generate(..., streamer=...) for batches")
     detok = IncrementalDetokenizer(processor.tokenizer, skip_special_tokens=skip_special_tokens)
-    options = {**model.generation_defaults(), **kwargs}
-    for token in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, **options):
-        piece = detok.add(int(token[0]))
+    params = sampling_params(1, **{**model.generation_defaults(), **options})
+    for step in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, params,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_jit=use_jit, stats=stats):
+        piece = detok.add(int(step.tokens[0]))
         if piece:
             yield piece
     tail = detok.flush()
     if tail:
         yield tail
+
+
+class GenerationMixin:
+    """`generate` as a method of the model class (transformers' layout: the model class inherits it)."""
+
+    GENERATION_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **kwargs):
+        """Prompt + new tokens, (B, S + new) int64; see `mindone_idefics3.generation.generate` for the options
+        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, streamer).
+        Options not given come from the checkpoint's generation_config.json."""
+        return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask,
+                        **{**self.generation_defaults(), **kwargs})
+
+    def generation_defaults(self) -> dict:
+        """The checkpoint's generation_config.json values of GENERATION_OPTIONS that are set."""
+        return {k: self.generation_config[k] for k in self.GENERATION_OPTIONS
+                if self.generation_config.get(k) is not None}

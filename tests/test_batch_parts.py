@@ -129,10 +129,10 @@ def test_answer_record_ends_at_the_first_stop_token(workspace):
     eou = processor.end_of_utterance_token_id
     hello = processor.tokenizer.encode("The quick brown fox", add_special_tokens=False)
     row = prepared(0, 20)
-    stopped = answer_record(row, np.array(hello + [eou, eou, eou]), np.array([eou]), processor)
+    stopped = answer_record(row, np.array(hello + [eou]), "stop", processor)
     assert stopped == {"id": "r0", "answer": "The quick brown fox", "prompt_tokens": 20,
                        "completion_tokens": len(hello) + 1, "finish_reason": "stop"}
-    ran_out = answer_record(row, np.array(hello), np.array([eou]), processor)
+    ran_out = answer_record(row, np.array(hello), "length", processor)
     assert ran_out["finish_reason"] == "length" and ran_out["completion_tokens"] == len(hello)
 
 

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from mindone_idefics3.serve.engine import Delta, Finished, Job, Row
 from mindone_idefics3.serve.errors import APIError, error_response
 from mindone_idefics3.serve.metrics import Metrics
-from mindone_idefics3.serve.prepare import PreparedRequest, Sampling, to_template_messages
+from mindone_idefics3.generation import SamplingParams as Sampling
+from mindone_idefics3.serve.prepare import PreparedRequest, to_template_messages
 from mindone_idefics3.serve.protocol import ChatCompletionRequest
 
 PIECES = ["Hel", "lo W", "orld", "!", " Bye", "<eos>"]
@@ -29,12 +30,12 @@ def run_row(tokens, stop=(), max_tokens=10):
     try:
         job = Job(PreparedRequest({}, prompt_tokens=7, max_tokens=max_tokens, sampling=Sampling(), stop=list(stop)),
                   loop)
-        row = Row(job, PieceTokenizer(), np.array([EOS]), Metrics())
+        row = Row(job, PieceTokenizer(), Metrics())
         posted = []
-        for t in tokens:
+        for n, t in enumerate(tokens, start=1):
             if row.done:
                 break
-            row.add(t)
+            row.add(t, "stop" if t == EOS else "length" if n >= max_tokens else None)  # as generate_steps says
             loop.run_until_complete(asyncio.sleep(0))
             while not job.events.empty():
                 posted.append(job.events.get_nowait())
@@ -111,20 +112,25 @@ def drain(loop, job):
 
 @pytest.fixture
 def engine(monkeypatch):
+    from mindone_idefics3 import runner as runner_module
+    from mindone_idefics3.generation import Step
     from mindone_idefics3.serve import engine as engine_module
 
     calls = []
 
-    def fake_generate_steps(model, ids, mask, pv, pam, *, max_new_tokens, seed, **kw):
+    def fake_generate_steps(model, ids, mask, pv, pam, params, **kw):
+        limits = [p.max_new_tokens for p in params]
+        max_new_tokens, seed = max(limits), [p.seed for p in params]
         calls.append(dict(rows=ids.shape[0], width=ids.shape[1], max_new_tokens=max_new_tokens, seed=seed))
         if (ids == 9).any() and ids.shape[0] > 1:
             raise RuntimeError("a row this batch cannot take")
         for t in range(max_new_tokens):
-            yield np.array([(t + r) % 5 for r in range(ids.shape[0])])  # row r: tokens r, r+1, ... (4 = " Bye")
+            tokens = np.array([(t + r) % 5 for r in range(ids.shape[0])])  # row r: tokens r, r+1, ... (4 = " Bye")
+            yield Step(tokens, np.array([t < n for n in limits]), ["length" if t + 1 == n else None for n in limits])
 
-    monkeypatch.setattr(engine_module, "generate_steps", fake_generate_steps)
+    monkeypatch.setattr(runner_module, "generate_steps", fake_generate_steps)
     e = engine_module.Engine(lambda: None, max_batch_size=8)
-    e.processor, e.stop_ids = FakeProcessor(), np.array([EOS])
+    e.processor = FakeProcessor()
     e.calls = calls
     return e
 

@@ -32,8 +32,7 @@ def prepare(row: InputRow, processor: Idefics3Processor, max_new_tokens: int,
     """The row's inputs, or its error record."""
     try:
         images = [load_image(src) for src in row.images]
-        prompt = processor.apply_chat_template(row.messages, add_generation_prompt=True)
-        inputs = processor(text=prompt, images=[images] if images else None, return_tensors="np")
+        inputs = processor.chat_inputs(row.messages, images)
     except Idefics3Error as e:
         return row_error(row, str(e))
     prepared = PreparedRow(row, inputs)

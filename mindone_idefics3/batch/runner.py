@@ -1,55 +1,56 @@
-"""A batch of prepared rows through `generate`, back to one output record per row.
-
-Greedy answers do not depend on the batch: each row is left-padded, its padding masked, its positions counted from
-its own first token, so a row gives the same tokens in any batch as alone. (Sampled answers do depend on it: the
-random draws of a step are shared out over the batch's rows.)
-"""
+"""A batch of prepared rows through the shared batch loop (`mindone_idefics3.runner`), back to one output record
+per row. (Sampled answers depend on the batch: the rows draw from one generator seeded by --seed, as `generate`
+does for a batch.)"""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import runner
 from ..errors import Idefics3Error
-from ..generation import stop_token_ids
-from ..processing.collate import collate
+from ..generation import sampling_params
 from .prepare import PreparedRow
 from .records import Record
 from .rows import row_error
 
 
+class _Answer:
+    """One row of a batch: its tokens as they come, then its record."""
+
+    def __init__(self, prepared: PreparedRow, processor):
+        self.prepared, self.processor = prepared, processor
+        self.inputs = prepared.inputs
+        self.tokens: List[int] = []
+        self.record: Optional[Record] = None
+
+    @property
+    def done(self) -> bool:
+        return self.record is not None
+
+    def add(self, token: int, finish_reason: Optional[str]) -> None:
+        self.tokens.append(token)
+        if finish_reason is not None:
+            self.record = answer_record(self.prepared, np.array(self.tokens), finish_reason, self.processor)
+
+    def fail(self, error: Exception) -> None:
+        self.record = row_error(self.prepared.row, str(error))
+
+
 def run_batch(model, processor, batch: Sequence[PreparedRow], options: Dict[str, Any]) -> List[Record]:
-    """Records for the rows of `batch`. A batch that `generate` refuses is retried row by row, so only the row at
-    fault gets an error record."""
-    try:
-        return _generate(model, processor, batch, options)
-    except Idefics3Error as e:
-        if len(batch) == 1:
-            return [row_error(batch[0].row, str(e))]
-    records = []
-    for prepared in batch:
-        records += run_batch(model, processor, [prepared], options)
-    return records
+    """Records for the rows of `batch`. A batch that generation refuses is retried row by row, so only the row at
+    fault gets an error record. options: `generate`'s keyword options (max_new_tokens, sampling)."""
+    answers = [_Answer(prepared, processor) for prepared in batch]
+    params = sampling_params(len(batch), **{**model.generation_defaults(), **options})
+    runner.run_batch(model, answers, processor.tokenizer.pad_token_id, sampling=params, recoverable=(Idefics3Error,))
+    return [answer.record for answer in answers]
 
 
-def _generate(model, processor, batch: Sequence[PreparedRow], options: Dict[str, Any]) -> List[Record]:
-    inputs = collate([p.inputs for p in batch], processor.tokenizer.pad_token_id)
-    prompt_len = inputs["input_ids"].shape[1]
-    new_ids = model.generate(**inputs, **options)[:, prompt_len:]
-    stops = np.array(stop_token_ids(model), np.int64)
-    return [answer_record(p, new_ids[b], stops, processor) for b, p in enumerate(batch)]
-
-
-def answer_record(prepared: PreparedRow, new_ids: np.ndarray, stops: np.ndarray, processor) -> Record:
-    """The record of one row from its new tokens (padded after its stop token): the answer is the text before
-    the stop token, special tokens skipped, surrounding whitespace stripped; completion_tokens counts the stop
-    token (it was generated)."""
-    stopped = np.flatnonzero(np.isin(new_ids, stops))
-    if stopped.size:
-        end, completion, reason = int(stopped[0]), int(stopped[0]) + 1, "stop"
-    else:
-        end = completion = int(new_ids.size)
-        reason = "length"
+def answer_record(prepared: PreparedRow, new_ids: np.ndarray, finish_reason: str, processor) -> Record:
+    """The record of one row from its new tokens and why they ended: the answer is the text before the stop
+    token, special tokens skipped, surrounding whitespace stripped; completion_tokens counts the stop token (it was
+    generated)."""
+    end = len(new_ids) - 1 if finish_reason == "stop" else len(new_ids)
     answer = processor.decode(new_ids[:end], skip_special_tokens=True).strip()
     return {"id": prepared.row.id, "answer": answer, "prompt_tokens": prepared.prompt_tokens,
-            "completion_tokens": completion, "finish_reason": reason}
+            "completion_tokens": int(len(new_ids)), "finish_reason": finish_reason}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import mindspore as ms
 import numpy as np
@@ -12,8 +12,11 @@ from mindspore import Tensor, nn, ops
 from ..config import Idefics3Config
 from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
+from ..generation import GenerationMixin
+from ..ops.attention import key_keep_or_none
+from ..ops.rope import position_ids_from_mask
 from .connector import Connector, check_patch_grid
-from .layers import Linear
+from .layers import Linear, linear
 from .loss import causal_lm_loss
 from .llama import LlamaModel
 from .vision import VisionTransformer, patch_layout
@@ -30,17 +33,6 @@ def to_numpy(x: ArrayLike, name: str) -> np.ndarray:
         return np.asarray(x)
     except Exception as e:  # noqa: BLE001 - anything numpy cannot read is the caller's mistake
         raise Idefics3Error(f"{name} must be a numpy array or a MindSpore tensor ({e})") from None
-
-
-def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """Rotary positions of a left-padded batch: real tokens count from 0; pads get 1 (as transformers' generate)."""
-    positions = np.cumsum(attention_mask, axis=-1) - 1
-    return np.where(attention_mask == 0, 1, positions).astype(np.int32)
-
-
-def key_keep_or_none(mask: np.ndarray) -> Optional[Tensor]:
-    """The decoder's key mask for a prompt: None when nothing is padded (lets Ascend use its compressed mask)."""
-    return None if mask.all() else Tensor(mask.astype(bool))
 
 
 @dataclass
@@ -106,6 +98,11 @@ class Idefics3Model(nn.Cell):
         """Vision tower + connector: tiles (T, 3, H, W) → (T, image_seq_len, text hidden)."""
         return self.connector(self.vision_model(pixel_values, patch_keep, position_ids))
 
+    def chunks(self, tiles: int) -> List[slice]:
+        """The tiles of each vision call: `vision_chunk` at a time (None: VISION_CHUNK_TILES of the device)."""
+        size = self.vision_chunk or VISION_CHUNK_TILES[current_device()]
+        return [slice(start, start + size) for start in range(0, tiles, size)]
+
     def image_features(self, vision: VisionInputs, dtype, use_jit: bool = False) -> Tensor:
         """(T, image_seq_len, text hidden) features of the real tiles, `vision_chunk` tiles at a time.
 
@@ -119,10 +116,8 @@ class Idefics3Model(nn.Cell):
             if self._vision_layer_graph is None:
                 self._vision_layer_graph = jit_cell(run_layer)
             run_layer = self._vision_layer_graph
-        chunk = self.vision_chunk or VISION_CHUNK_TILES[current_device()]
         features = []
-        for start in range(0, len(vision.pixel_values), chunk):
-            part = slice(start, start + chunk)
+        for part in self.chunks(len(vision.pixel_values)):
             keep = vision.patch_keep[part]
             x = self.vision_model.encode(Tensor(vision.pixel_values[part], dtype),
                                          None if keep.all() else Tensor(keep), Tensor(vision.position_ids[part]),
@@ -131,7 +126,7 @@ class Idefics3Model(nn.Cell):
         return features[0] if len(features) == 1 else ops.cat(features, axis=0)
 
 
-class Idefics3ForConditionalGeneration(nn.Cell):
+class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
     """The full model. Parameter names are transformers' (`model.vision_model.*`, `model.text_model.*`, `lm_head`)
     except the fused `qkv_proj`/`gate_up_proj` (see weights.py)."""
 
@@ -143,7 +138,6 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         if not self.tied:
             self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False,
                                   dtype=dtype)
-        self.lm_matmul = ops.MatMul(transpose_b=True)
         self.generation_config: dict = {}
         self.model_dir: Optional[str] = None
 
@@ -184,20 +178,11 @@ class Idefics3ForConditionalGeneration(nn.Cell):
 
     # ------------------------------------------------------------------------------------------ pieces
     def logits(self, hidden: Tensor) -> Tensor:
-        """(B, S, H) → (B, S, vocab) fp32."""
-        b, s, h = hidden.shape
-        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return self.lm_matmul(hidden.reshape(b * s, h), weight).reshape(b, s, -1).astype(ms.float32)
-
-    def project(self, rows: Tensor) -> Tensor:
-        """The output projection of hidden rows (N, H) → (N, vocab) fp32 (tied: the token embeddings), with the
-        LoRA delta of lm_head while one is attached (fine-tuning; `logits`, used by compiled generation, never
-        sees one: adapters are merged for inference)."""
-        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight
-        logits = self.lm_matmul(rows, weight)
-        if not self.tied and self.lm_head.adapter is not None:
-            logits = logits + self.lm_head.adapter(rows)
-        return logits.astype(ms.float32)
+        """The output projection: hidden states (..., H) → (..., vocab) fp32 (tied: the token embeddings), with the
+        LoRA delta of lm_head while one is attached (fine-tuning; for inference adapters are merged, so compiled
+        generation sees plain weights)."""
+        weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight_arg()
+        return linear(hidden, weight).astype(ms.float32)
 
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
                      use_jit: bool = False):
@@ -230,6 +215,16 @@ class Idefics3ForConditionalGeneration(nn.Cell):
                             Tensor(index), 0)
         return merged.reshape(b, s, h), features
 
+    def vision_chunks(self, pixel_values, pixel_attention_mask) -> List[Tuple[int, bool]]:
+        """(tiles, whether every patch is real) of each vision call `embed_prompt` makes for these images: what
+        decides the vision graphs it compiles."""
+        cfg = self.config.vision_config
+        vision = prepare_vision_inputs(pixel_values, pixel_attention_mask, cfg.patch_size, cfg.patches_per_side)
+        if vision is None:
+            return []
+        return [(len(vision.patch_keep[part]), bool(vision.patch_keep[part].all()))
+                for part in self.model.chunks(len(vision.patch_keep))]
+
     # ------------------------------------------------------------------------------------------ forward
     def construct(self, input_ids: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                   pixel_values: Optional[ArrayLike] = None, pixel_attention_mask: Optional[ArrayLike] = None,
@@ -254,7 +249,7 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         hidden = self.model.text_model(embeds, Tensor(position_ids_from_mask(mask)), key_keep_or_none(mask),
                                        Tensor(np.arange(s, dtype=np.int32)))
         if labels is not None:
-            loss = causal_lm_loss(hidden, self.check_labels(labels, ids.shape), self.project, num_items_in_batch)
+            loss = causal_lm_loss(hidden, self.check_labels(labels, ids.shape), self.logits, num_items_in_batch)
             return Idefics3Output(self.logits(hidden) if return_logits else None, features, loss)
         if last_only:
             hidden = hidden[:, -1:]
@@ -294,20 +289,6 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         if not mask.any(axis=-1).all():
             raise Idefics3Error("attention_mask has a row without any real token")
         return mask.astype(np.int32)
-
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **kwargs):
-        """Prompt + new tokens, (B, S + new) int64; see `mindone_idefics3.generation.generate` for the options
-        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, streamer).
-        Options not given come from the checkpoint's generation_config.json. A thin delegate: generation.py
-        builds on the model (imports run generation → model only), so it is imported here when called."""
-        from ..generation import generate
-
-        return generate(self, input_ids, attention_mask, pixel_values, pixel_attention_mask,
-                        **{**self.generation_defaults(), **kwargs})
-
-    def generation_defaults(self) -> dict:
-        known = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
-        return {k: self.generation_config[k] for k in known if self.generation_config.get(k) is not None}
 
     @property
     def device(self) -> str:

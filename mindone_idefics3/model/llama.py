@@ -21,14 +21,14 @@ from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
 from ..device import as_graph_inputs, idle_pipeline, jit_cell
+from ..generation import PREFILL_BUCKET
 from ..ops import attention as attention_ops, kernels
 from ..ops.attention import EagerAttention, make_attention
-from ..ops.kv_cache import KVCache, scatter_index, write_cache
+from ..ops.kv_cache import KVCache, LayerCaches, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from .layers import Embedding, Linear, linear
 
-PREFILL_CHUNK_MULTIPLE = 64  # eager prefill chunks are multiples of this (= generation's PREFILL_BUCKET)
 KEPT_CACHE_SHAPES = 4  # cache shapes (with their compiled graphs) kept alive, the current one included
 
 
@@ -135,40 +135,41 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(cfg, dtype)
         self.fused_rope = kernels.fused_ops()
-        self.cache_shape: Optional[tuple] = None
-        self.compiled_steps: dict = {}  # functions compiled against the current caches (generation.py)
+        self.caches: Optional[LayerCaches] = None  # the current static KV cache of every layer
         self._layer_graph = None  # the compiled `layer_math` of `prefill`, made on first use
         self.recompute_layers = False  # gradient checkpointing per decoder layer (fine-tuning's --recompute)
-        self._kept: "OrderedDict[tuple, tuple]" = OrderedDict()  # shape -> (caches, compiled steps), oldest first
+        self._kept: "OrderedDict[tuple, LayerCaches]" = OrderedDict()  # earlier shapes' caches, oldest first
+
+    @property
+    def cache_shape(self) -> Optional[tuple]:
+        return None if self.caches is None else self.caches.shape
 
     def setup_caches(self, batch: int, max_length: int) -> None:
         """Make a static KV cache of `max_length` slots per layer current.
 
-        The caches of the last KEPT_CACHE_SHAPES shapes are kept with the graphs compiled against them: batches
-        of varying shapes (batch inference) then compile each shape once instead of at every change of shape.
+        The caches of the last KEPT_CACHE_SHAPES shapes are kept: batches of varying shapes (batch inference) then
+        find the caches — and whatever was compiled against them (generation.py keys its compiled steps by the
+        `LayerCaches` object) — instead of building them again at every change of shape.
         """
         shape = (batch, max_length)
         if self.cache_shape == shape:
             return
-        if self.cache_shape is not None:
-            self._kept[self.cache_shape] = ([layer.self_attn.kv_cache for layer in self.layers], self.compiled_steps)
-        if shape in self._kept:
-            caches, self.compiled_steps = self._kept.pop(shape)
-        else:
-            caches = [KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim, self.dtype,
-                              name=f"kv_cache.{i}") for i in range(len(self.layers))]
-            self.compiled_steps = {}
+        if self.caches is not None:
+            self._kept[self.caches.shape] = self.caches
+        caches = self._kept.pop(shape, None)
+        if caches is None:
+            caches = LayerCaches(shape, [KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim,
+                                                 self.dtype, name=f"kv_cache.{i}") for i in range(len(self.layers))])
         while len(self._kept) >= KEPT_CACHE_SHAPES:
             self._kept.popitem(last=False)
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, caches.layers):
             layer.self_attn.kv_cache = cache
-        self.cache_shape = shape
+        self.caches = caches
 
     def drop_caches(self) -> None:
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-        self.cache_shape = None
-        self.compiled_steps = {}
+        self.caches = None
         self._kept.clear()
 
     def construct(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor,
@@ -245,13 +246,13 @@ class LlamaModel(nn.Cell):
 
     def prefill_chunk(self, batch: int, length: int) -> int:
         """Tokens per prefill call: the whole prompt with fused attention kernels (no scores in memory); with
-        eager attention the largest multiple of PREFILL_CHUNK_MULTIPLE that divides `length` and keeps a call's
+        eager attention the largest multiple of PREFILL_BUCKET that divides `length` and keeps a call's
         scores (batch · heads · chunk · cache length) within SCORE_BLOCK_ELEMENTS (at least one multiple)."""
-        if not isinstance(self.attention, EagerAttention) or length % PREFILL_CHUNK_MULTIPLE:
+        if not isinstance(self.attention, EagerAttention) or length % PREFILL_BUCKET:
             return length
         budget = attention_ops.SCORE_BLOCK_ELEMENTS // (batch * self.cfg.num_attention_heads * self.cache_shape[1])
-        chunk = PREFILL_CHUNK_MULTIPLE
-        for n in range(PREFILL_CHUNK_MULTIPLE, min(budget, length) + 1, PREFILL_CHUNK_MULTIPLE):
+        chunk = PREFILL_BUCKET
+        for n in range(PREFILL_BUCKET, min(budget, length) + 1, PREFILL_BUCKET):
             if length % n == 0:
                 chunk = n
         return chunk

@@ -78,6 +78,12 @@ def split_heads(qkv: Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
     return q, k, v
 
 
+def key_keep_or_none(mask: np.ndarray) -> Optional[Tensor]:
+    """The key mask of a prompt from its attention mask (B, S): None when nothing is padded (lets Ascend use its
+    compressed causal mask)."""
+    return None if mask.all() else Tensor(mask.astype(bool))
+
+
 def make_keep_mask(key_keep: Optional[Tensor], q_slots: Optional[Tensor] = None) -> Optional[Tensor]:
     """Boolean keep mask (True = attend) from the seam's mask description (see the module docstring).
 

@@ -51,3 +51,10 @@ class KVCache(nn.Cell):
         self.k = Parameter(ops.zeros(shape, dtype), name=f"{name}.k", requires_grad=False)
         self.v = Parameter(ops.zeros(shape, dtype), name=f"{name}.v", requires_grad=False)
 
+
+class LayerCaches:
+    """The KV caches of every layer for one (batch, max_length) shape. A plain object on purpose: what is compiled
+    against these caches can be kept with them, keyed by this object (weakly: it goes when the caches go)."""
+
+    def __init__(self, shape: tuple, layers: list):
+        self.shape, self.layers = shape, layers

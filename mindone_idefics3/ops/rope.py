@@ -98,3 +98,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, fused: bool = False) -> Te
     if fused:
         return kernels.rotary_position_embedding(x, cos, sin, 0)
     return x * cos + rotate_half(x) * sin
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Rotary positions of a left-padded batch: real tokens count from 0; pads get 1 (as transformers' generate)."""
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 1, positions).astype(np.int32)

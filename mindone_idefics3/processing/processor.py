@@ -192,6 +192,13 @@ class Idefics3Processor:
                     for c in conversations]
         return rendered if batched else rendered[0]
 
+    def chat_inputs(self, messages, images: Sequence = ()) -> ProcessorOutput:
+        """Model inputs (numpy, a batch of one) for a conversation whose next turn the model writes: the chat
+        template with the generation prompt, and the images in the order of the conversation's image items.
+        The one way the command line, batch inference and the server turn a request into model inputs."""
+        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        return self(text=prompt, images=[list(images)] if len(images) else None, return_tensors="np")
+
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 

@@ -15,6 +15,7 @@ section); when neither says, we pad on the LEFT (what generation needs; transfor
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -47,6 +48,32 @@ def _content(token) -> Optional[str]:
     if isinstance(token, dict):
         return token.get("content")
     return token
+
+
+@functools.lru_cache(maxsize=16)
+def added_token_id(directory: Optional[str], content: str) -> Optional[int]:
+    """The id a checkpoint's tokenizer files give the added token `content` (tokenizer.json's added_tokens,
+    added_tokens.json, or tokenizer_config.json's added_tokens_decoder), or None. Read once per directory, without
+    building a tokenizer: generation asks it for `<end_of_utterance>`, which Idefics3-8B ends its turns with but does
+    not list as eos."""
+    if not directory:
+        return None
+    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        data = read_json(path)
+        if name == "tokenizer.json":
+            for token in data.get("added_tokens", []):
+                if token.get("content") == content:
+                    return int(token["id"])
+        elif name == "added_tokens.json" and content in data:
+            return int(data[content])
+        elif name == "tokenizer_config.json":
+            for token_id, token in data.get("added_tokens_decoder", {}).items():
+                if token.get("content") == content:
+                    return int(token_id)
+    return None
 
 
 class TextTokenizer:

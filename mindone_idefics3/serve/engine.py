@@ -21,18 +21,15 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Deque, List, Optional
 
-import numpy as np
-
-from ..generation import generate_steps, stop_token_ids
-from ..processing.collate import collate
-from ..processing.processor import ProcessorOutput
+from .. import runner
+from ..generation import SamplingParams
 from ..processing.tokenizer import IncrementalDetokenizer
 from .errors import APIError
 from .metrics import Metrics
-from .prepare import PreparedRequest, Sampling
+from .prepare import PreparedRequest
 
 log = logging.getLogger("mindone_idefics3.serve")
 
@@ -81,33 +78,43 @@ class Job:
 
 # ----------------------------------------------------------------------------------------------- a row
 class Row:
-    """A job's row in the running batch: detokenizes its tokens, applies its stop strings and max_tokens, posts
+    """A job's row in the running batch (a `runner.Row`): detokenizes its tokens, applies its stop strings, posts
     the text as it becomes final."""
 
-    def __init__(self, job: Job, tokenizer, stop_ids: np.ndarray, metrics: Metrics):
+    def __init__(self, job: Job, tokenizer, metrics: Metrics):
         self.job, self.metrics = job, metrics
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
-        self.stop_ids = stop_ids
         self.stops = job.prepared.stop
         self.text = ""
         self.sent = 0  # characters of self.text already posted
         self.count = 0  # tokens generated
         self.done = False
 
-    def add(self, token: int) -> None:
-        prepared = self.job.prepared
+    @property
+    def inputs(self):
+        return self.job.prepared.inputs
+
+    @property
+    def params(self) -> SamplingParams:
+        return replace(self.job.prepared.sampling, max_new_tokens=self.job.prepared.max_tokens)
+
+    def add(self, token: int, finish_reason: Optional[str]) -> None:
+        """The row's next token (generation says when it is its last: a stop id, or max_tokens); a row whose client
+        went away is freed instead."""
+        if self.job.cancelled.is_set():
+            return self.cancel()
         if self.count == 0:
             self.metrics.ttft.observe(time.perf_counter() - self.job.submitted)
         self.count += 1
-        if token in self.stop_ids:
+        if finish_reason == "stop":  # a stop id: not part of the text
             self.text += self.detok.flush()
             return self._finish("stop")
         self.text += self.detok.add(token)
-        if self.count >= prepared.max_tokens:
+        if finish_reason == "length":
             self.text += self.detok.flush()
         if self._cut_at_stop_string():
             return self._finish("stop")
-        if self.count >= prepared.max_tokens:
+        if finish_reason == "length":
             return self._finish("length")
         self._post(len(self.text) - self._held_back())
 
@@ -116,16 +123,10 @@ class Row:
         self.metrics.finished.labels("cancelled").inc()
         self.metrics.completion_tokens.inc(self.count)
 
-    def fail(self, message: str) -> None:
+    def fail(self, error: Exception) -> None:
         self.done = True
         self.metrics.finished.labels("error").inc()
-        self.job.post(Failed(message))
-
-    def finish_early(self) -> None:
-        """The batch's generation ended before this row's own end (it cannot in practice: every row stops at a
-        stop id, which the row sees first)."""
-        self.text += self.detok.flush()
-        self._finish("stop" if self.count < self.job.prepared.max_tokens else "length")
+        self.job.post(Failed(f"generation failed: {type(error).__name__}: {error}"))
 
     def _cut_at_stop_string(self) -> bool:
         if not self.stops:
@@ -243,7 +244,6 @@ class Engine:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed:\n%s", traceback.format_exc())
             return
-        self.stop_ids = np.array(stop_token_ids(self.model), np.int64)
         self.ready.set()
         while True:
             batch = self._next_batch()
@@ -306,62 +306,22 @@ class Engine:
     def run_batch(self, jobs: List[Job]) -> None:
         """Generate for `jobs` as one batch; every job gets its Delta events and one Finished (or Failed). A batch
         that fails before its first token is retried request by request, so only the request at fault fails."""
-        rows = [Row(job, self.processor.tokenizer, self.stop_ids, self.metrics) for job in jobs]
-        try:
-            self._generate(rows)
-        except Exception as e:  # noqa: BLE001 - one failed batch must not stop the server
-            if len(rows) > 1 and all(row.count == 0 and not row.done for row in rows):
-                log.warning("batch of %d failed before its first token (%s: %s); retrying its requests one by one",
-                            len(rows), type(e).__name__, e)
-                for job in jobs:
-                    self.run_batch([job])
-                return
-            log.error("batch of %d failed:\n%s", len(rows), traceback.format_exc())
-            for row in rows:
-                if not row.done:
-                    row.fail(f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            self.metrics.running.set(0)
-            self.metrics.batch_size.set(0)
-
-    def _generate(self, rows: List[Row]) -> None:
-        jobs = [row.job for row in rows]
+        rows = [Row(job, self.processor.tokenizer, self.metrics) for job in jobs]
         metrics = self.metrics
-        samples = [job.prepared.inputs for job in jobs]
-        sampling = [job.prepared.sampling for job in jobs]
-        pad_id = self.processor.tokenizer.pad_token_id
-        if self.pad_batch:
-            # fewer distinct batch shapes → fewer graphs to compile (and fewer evicted: the model keeps the graphs
-            # of its last few cache shapes). Filler rows are one token, no image: little work, their output unread.
-            fillers = (1 << (len(jobs) - 1).bit_length()) - len(jobs)
-            samples += [ProcessorOutput(input_ids=np.full((1, 1), pad_id or 0, np.int64),
-                                        attention_mask=np.ones((1, 1), np.int64))] * fillers
-            sampling += [Sampling()] * fillers
-        inputs = collate(samples, pad_id)
-        metrics.batches.inc()
-        metrics.batch_size.set(len(samples))
-        metrics.running.set(len(jobs))
-        metrics.prompt_tokens.inc(sum(job.prepared.prompt_tokens for job in jobs))
-        steps = generate_steps(
-            self.model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-            inputs.get("pixel_attention_mask"), max_new_tokens=max(job.prepared.max_tokens for job in jobs),
-            do_sample=[s.do_sample for s in sampling], temperature=[s.temperature for s in sampling],
-            top_p=[s.top_p for s in sampling], top_k=[0] * len(samples), seed=[s.seed for s in sampling],
-            use_jit=True)
+
+        def on_start(batch_rows: int) -> None:
+            metrics.batches.inc()
+            metrics.batch_size.set(batch_rows)
+            metrics.running.set(len(jobs))
+            metrics.prompt_tokens.inc(sum(job.prepared.prompt_tokens for job in jobs))
+
+        def on_step() -> None:
+            metrics.running.set(sum(not row.done for row in rows))
+
         try:
-            for tokens in steps:
-                for r, row in enumerate(rows):
-                    if row.done:
-                        continue
-                    if row.job.cancelled.is_set():
-                        row.cancel()
-                    else:
-                        row.add(int(tokens[r]))
-                metrics.running.set(sum(not row.done for row in rows))
-                if all(row.done for row in rows):
-                    break
+            # one failed batch must not stop the server: every error is this batch's rows' failure
+            runner.run_batch(self.model, rows, self.processor.tokenizer.pad_token_id, recoverable=(Exception,),
+                             pad_to_power_of_two=self.pad_batch, on_start=on_start, on_step=on_step, log=log)
         finally:
-            steps.close()
-        for row in rows:  # generate_steps ended (every row hit a stop id) before a row's own end
-            if not row.done:
-                row.finish_early()
+            metrics.running.set(0)
+            metrics.batch_size.set(0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import Idefics3Error
+from ..generation import SamplingParams
 from ..processing import load_image
 from ..processing.processor import Idefics3Processor, ProcessorOutput
 from .errors import APIError
@@ -32,19 +33,11 @@ class Limits:
 
 
 @dataclass
-class Sampling:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-
-
-@dataclass
 class PreparedRequest:
     inputs: ProcessorOutput  # input_ids / attention_mask (1, S), pixel_values / pixel_attention_mask if images
     prompt_tokens: int
     max_tokens: int
-    sampling: Sampling
+    sampling: SamplingParams  # its max_new_tokens is max_tokens's (the engine sets it)
     stop: List[str] = field(default_factory=list)
 
 
@@ -84,8 +77,7 @@ class Preparer:
         images = [self._image(url, i) for i, url in enumerate(urls)]
         try:
             with self._lock:
-                prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-                inputs = self.processor(text=prompt, images=[images] if images else None, return_tensors="np")
+                inputs = self.processor.chat_inputs(messages, images)
         except Idefics3Error as e:
             raise APIError(400, str(e), param="messages") from None
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -138,7 +130,7 @@ class Preparer:
                            code="context_length_exceeded")
         return asked
 
-    def _sampling(self, request: ChatCompletionRequest) -> Sampling:
+    def _sampling(self, request: ChatCompletionRequest) -> SamplingParams:
         """temperature 0 is greedy. Without temperature: 1 when top_p is given, else the checkpoint's
         generation_config.json default (greedy unless it says do_sample)."""
         defaults = self.defaults
@@ -150,5 +142,6 @@ class Preparer:
             temperature = defaults.get("temperature", 1.0) if defaults.get("do_sample") else 0.0
         top_p = request.top_p if request.top_p is not None else defaults.get("top_p", 1.0)
         if temperature == 0:
-            return Sampling(do_sample=False, seed=request.seed)
-        return Sampling(do_sample=True, temperature=float(temperature), top_p=float(top_p), seed=request.seed)
+            return SamplingParams(do_sample=False, seed=request.seed)
+        return SamplingParams(do_sample=True, temperature=float(temperature), top_p=float(top_p),
+                              seed=request.seed)
