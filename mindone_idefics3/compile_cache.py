@@ -1,7 +1,7 @@
 """MindSpore's compile cache for one-shot runs (`generate.py`), made safe: one directory per sequence of graphs.
 
-A fresh `generate.py` process compiles its graphs again every time (the decode step of SmolVLM-256M: ~7 s on
-a 2-core CPU). MindSpore 2.10 can keep compiled graphs on disk (`MS_COMPILER_CACHE_ENABLE`, read at each
+A fresh `generate.py` process compiles its graphs again every time (seconds per graph on the CPU;
+docs/performance.md). MindSpore 2.10 can keep compiled graphs on disk (`MS_COMPILER_CACHE_ENABLE`, read at each
 compile), but it stores them as compile_cache_0..N in the order a process compiled them and reads them back by
 that order, not by their inputs: a second run that compiled other shapes (another prompt length, a padded
 tile, a different batch) loaded the wrong graph and failed ("For 'ExpandDims', the size of 'input_x' ... is not

@@ -77,10 +77,9 @@ class Idefics3Output:
     loss: Optional[Tensor] = None  # fp32 scalar, with labels
 
 
-# Tiles per vision call: peak activation memory grows with it (~300 MB per 512-px SmolVLM tile per compiled layer
-# call on the CPU, measured); speed should hardly (one tile is already a (1024 × 768) GEMM per projection), not
-# yet timed on a quiet machine. Ascend: 4, where per-layer activations stay far below the prefill's
-# (benchmarks/memory_on_paper.py).
+# Tiles per vision call: peak activation memory grows with it, and on the CPU one tile per call was the fastest
+# too (one tile is already a (1024 × 768) GEMM per projection; docs/performance.md). Ascend: 4, where per-layer
+# activations stay far below the prefill's (benchmarks/memory_on_paper.py).
 VISION_CHUNK_TILES = {"CPU": 1, "Ascend": 4}
 
 

@@ -4,11 +4,11 @@ q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_
 fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels. Attention goes through
 the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where ops/kernels.py says so.
 
-Kernel launches are what a decode step costs beyond reading the weights (one token: ~13 µs each on a 2-core CPU,
-host launch time on Ascend), so the layers are written to launch few: the residual stream stays 2-D (tokens,
+Kernel launches are what a decode step costs beyond reading the weights (host launch time, on the CPU and on
+Ascend), so the layers are written to launch few: the residual stream stays 2-D (tokens,
 hidden) so the projections are bare matmuls, the rotary tables, the mask and the cache's scatter indices are made
 once per forward and shared by every layer, and one token's heads are split by reshapes only (no transposes).
-benchmarks/throughput.py counts the kernels of a compiled decode step (~41 per layer on the CPU, from ~58).
+benchmarks/throughput.py counts the kernels of a compiled decode step.
 """
 from __future__ import annotations
 
@@ -207,8 +207,8 @@ class LlamaModel(nn.Cell):
         With eager attention the prompt also goes in chunks of `prefill_chunk` tokens (outer loop; the layers
         inner): each chunk writes its keys and values and attends over the cache (cache "decode": the earlier
         chunks, itself causally), so a call holds one chunk's scores — with a mask, MindSpore 2.10's CPU graphs
-        keep the intermediates of every query block of a call alive (a 3,072-token causal attention: +1.9 GB
-        compiled vs +0.2 GB in PyNative), which made prefill memory grow with the prompt. One graph serves every
+        keep the intermediates of every query block of a call alive, which made prefill memory grow with the prompt
+        (docs/mindspore-notes.md). One graph serves every
         chunk; its keys are the whole cache's: the prompt's (key_keep), then every later slot (masked causally).
         slots must be 0..S-1 (a prefill starts the cache).
         """

@@ -1,10 +1,10 @@
 """SigLIP's activation, gelu with the tanh approximation (`gelu_pytorch_tanh`), by device.
 
-On the CPU, MindSpore 2.10's GeLU kernel (`ops.gelu(approximate="tanh")`) takes ~95 ms per (1024, 3072) fp32
-activation of SmolVLM's vision MLP on a 2-core Xeon, 38% of the whole vision tower; its Tanh kernel is an
-approximation (1.9e-4 off torch). The same function written as x · sigmoid(2·√(2/π)·(x + 0.044715·x³)) — equal to
-0.5·x·(1 + tanh(…)) since 1 + tanh(z) = 2·sigmoid(2z) — takes ~6 ms there and lies within 6e-7 of torch's (as
-close as MindSpore's own kernel, 4.8e-7, both against fp64). On Ascend the fused GeLU kernel is used.
+On the CPU, MindSpore 2.10's GeLU kernel (`ops.gelu(approximate="tanh")`) is many times slower than the same
+function written as x · sigmoid(2·√(2/π)·(x + 0.044715·x³)) — equal to 0.5·x·(1 + tanh(…)) since
+1 + tanh(z) = 2·sigmoid(2z) — and its Tanh kernel is an approximation; the sigmoid form is as close to torch as
+MindSpore's own kernel (figures: docs/performance.md §11). On Ascend the fused
+GeLU kernel is used.
 """
 from __future__ import annotations
 

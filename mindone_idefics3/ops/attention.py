@@ -19,7 +19,7 @@ What each backend receives:
 - `EagerAttention`: an additive fp32 bias, 0 where a query may attend and fp32's minimum where not (transformers'
   eager masks), (B, 1, Sq, Sk) or (B, 1, 1, Sk), or None; matmul → + bias → fp32 softmax → matmul, grouped KV
   heads without repeating them in memory. The bias is made once per forward: per layer it costs one add (a select
-  took 3× as long on the CPU: 3.8 vs ~1.2 ms per layer for a 384-token prefill).
+  per layer was slower on the CPU; docs/performance.md).
 - `AscendAttention`: tensors only (None, `discard`, or `(discard, kv_lengths)` against a KV cache), so a
   compiled graph can take the mask as an input without recompiling when its values change; discard is a bool
   mask, 1/True = do NOT attend (the kernels' polarity), and a 2-D discard is the compressed causal template
@@ -119,8 +119,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     Long prompts are computed in blocks of queries so that at most SCORE_BLOCK_ELEMENTS fp32 scores exist at a
     time: a 4k-token prompt of SmolVLM would otherwise hold 9 × 4096² scores (604 MB) several times over. Each
     query's scores, softmax and sum are computed as in one block (equal to rounding). query_blocks=False computes
-    all queries at once: the blocks are not free — in a MindSpore 2.10 CPU graph one SigLIP layer of a 512-px
-    SmolVLM tile (12 heads × 1024² scores) took 203 ms in 4 blocks and 140 ms in one (2 blocks of 512: 211 ms).
+    all queries at once: the blocks are not free in MindSpore 2.10's CPU graphs (a SigLIP layer of one 512-px
+    SmolVLM tile is much slower in blocks; docs/performance.md), and a vision call is bounded by its chunk of
+    tiles already.
     """
     b, nq, sq, _ = q.shape
     block = max(1, SCORE_BLOCK_ELEMENTS // (b * nq * k.shape[2]))

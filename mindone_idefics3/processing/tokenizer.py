@@ -355,8 +355,8 @@ class IncrementalDetokenizer:
     the trailing run of characters that a clean-up replacement could still change is held back too (only spaces
     are removed, and only inside runs of the characters of the replacement patterns, so any other character is a
     boundary later text cannot reach across). Each step decodes the whole sequence so far, which is what makes the
-    guarantee hold for every decoder: O(n) per token (Llama 3 tokenizer, 2 CPU cores: ~0.25 ms per token averaged
-    over a 2000-token answer, small next to a decode step of the model).
+    guarantee hold for every decoder: O(n) per token, small next to a decode step of the model even for long answers
+    (docs/performance.md).
     """
 
     def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True):
