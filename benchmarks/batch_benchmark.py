@@ -7,7 +7,7 @@
 Each configuration runs in a process of its own (MindSpore keeps every compiled graph; peak RSS is per process):
 one untimed pass over all rows compiles the graphs of every shape, a second pass is timed. transformers runs the
 same rows one by one (processor + generate, eager attention, its vision position ids corrected as in
-mindone_idefics3/testing.py so that the answers can be compared), after one warm-up row. Both sides: greedy,
+tests/reference.py so that the answers can be compared), after one warm-up row. Both sides: greedy,
 --new-tokens at most, stopping at the checkpoint's stop ids, the same threads.
 
 Measured: rows/s and tokens/s (generated tokens, stop token included, / seconds of the timed pass, processing
@@ -131,7 +131,7 @@ def reference(job: dict) -> dict:
     from PIL import Image
     from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from tests.reference import corrected_position_ids
 
     torch.set_num_threads(job["threads"])
     processor = Idefics3Processor.from_pretrained(job["checkpoint"], do_image_splitting=job["splitting"])

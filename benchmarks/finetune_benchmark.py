@@ -127,7 +127,7 @@ def reference(job: dict) -> dict:
     import torch
     from transformers import Idefics3ForConditionalGeneration
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from tests.reference import corrected_position_ids
 
     torch.set_num_threads(job["threads"])
     steps = batches(job)

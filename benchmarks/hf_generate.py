@@ -4,7 +4,7 @@ the checkpoint's eos ids as generate.py does. Prints one JSON object: the new id
 
     python benchmarks/hf_generate.py --model DIR --image photo.jpg --prompt "Describe the image." --max-new-tokens 32
 
-Its vision position ids are corrected as in mindone_idefics3/testing.py (transformers 4.57 shifts full tiles), so
+Its vision position ids are corrected as in tests/reference.py (transformers 4.57 shifts full tiles), so
 that its ids can be compared with ours; the correction costs nothing measurable.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
     from transformers.image_utils import load_image
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from tests.reference import corrected_position_ids
 
     import_seconds = time.perf_counter() - t
     if args.threads:

@@ -55,7 +55,7 @@ interleaved: ours, theirs, ours, theirs, ...
   ids equal      leading new tokens equal to transformers' in every row (of --new-tokens).
   inputs equal   both processors gave the same input_ids, attention_mask, pixel_values and pixel_attention_mask.
 transformers runs on CPU torch with --reference-attn attention (sdpa by default, what its users get), the same
-threads, its vision position ids corrected as in mindone_idefics3/testing.py (transformers 4.57 shifts full
+threads, its vision position ids corrected as in tests/reference.py (transformers 4.57 shifts full
 tiles) so the ids can be compared."""
 
 IMAGE_QUESTION = "Describe the image."

@@ -54,7 +54,7 @@ min/max in the JSON):
 With --reference hf, transformers runs in this process on the same files (CPU torch, attn_implementation="eager",
 same precision, inputs and threads), interleaved with ours (ours, reference, ours, ...), greedy, exactly
 --new-tokens tokens on both sides (no stop ids), its vision position ids corrected as in
-mindone_idefics3/testing.py so the ids can be compared. 'x ref' columns are speed-ups, > 1 = ours faster:
+tests/reference.py so the ids can be compared. 'x ref' columns are speed-ups, > 1 = ours faster:
 our tokens/s / theirs, their TTFT / ours. 'ids equal' = new tokens equal to the reference's (leading, every row);
 'logits rel. L2' compares one full forward. Inputs: random token ids with --images-per-prompt blocks of image
 tokens, random pixels, every row the same length (no padding)."""
@@ -164,7 +164,7 @@ def ours_vision(model, inputs: dict, use_jit: bool):
 def reference_vision(ref, inputs: dict):
     import torch
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from tests.reference import corrected_position_ids
 
     tensors = torch_inputs(inputs)
     pv, pam = tensors["pixel_values"], tensors["pixel_attention_mask"]
@@ -187,7 +187,7 @@ def logits_check(model, ref, inputs: dict) -> dict:
         import torch
 
         from mindone_idefics3.ops.rope import position_ids_from_mask
-        from mindone_idefics3.testing import corrected_position_ids
+        from tests.reference import corrected_position_ids
 
         positions = position_ids_from_mask(inputs["attention_mask"]).astype(np.int64)  # ours, given explicitly
         with torch.inference_mode(), corrected_position_ids():

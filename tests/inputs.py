@@ -44,7 +44,7 @@ def reference_logits(ckpt, input_ids, mask, pv=None, pam=None):
     """transformers' logits with the corrected vision position ids and mask-derived rotary positions."""
     import torch
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
 
     position_ids = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
     kwargs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask),

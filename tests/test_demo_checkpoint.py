@@ -17,7 +17,7 @@ def test_transformers_loads_the_demo_and_agrees_with_us(demo, ms_cpu):
     from transformers import Idefics3ForConditionalGeneration as HFModel
 
     from mindone_idefics3 import Idefics3ForConditionalGeneration
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
 
     ref = HFModel.from_pretrained(str(demo), attn_implementation="eager").eval()
     ours = Idefics3ForConditionalGeneration.from_pretrained(demo)

@@ -12,7 +12,7 @@ from inputs import make_batch
 def _torch_logits(model, ids, mask, pv, pam):
     import torch
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
 
     position_ids = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
     with torch.no_grad(), corrected_position_ids():

@@ -10,7 +10,7 @@ from inputs import make_batch
 def test_lora_gradients_equal_peft(ckpt_a, ms_cpu):
     import mindspore as ms
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
 
     model, lora = ours_with_lora(ckpt_a, targets="all-linear")
     rng = np.random.default_rng(5)

@@ -15,7 +15,7 @@ def _labels(input_ids, mask, rng, image_token):
 def _reference_loss(ckpt, ids, mask, pv, pam, labels, num_items=None):
     import torch
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
 
     position_ids = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
     kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),

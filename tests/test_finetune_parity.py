@@ -31,7 +31,7 @@ def test_ten_lora_adamw_steps_equal_torch_peft(demo, ms_cpu, tmp_path):
     from mindone_idefics3.finetune import lora as L
     from mindone_idefics3.finetune.data import TrainingData, collate_examples, scored_tokens
     from mindone_idefics3.finetune.trainer import TrainConfig, Trainer
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
     from finetune_helpers import torch_inputs
 
     model_dir, data_path = demo
@@ -108,7 +108,7 @@ def test_full_fine_tuning_gradients_equal_transformers(ckpt_a, ms_cpu):
     from mindone_idefics3 import Idefics3ForConditionalGeneration
     from mindone_idefics3.finetune.cli import trainable_full
     from mindone_idefics3.finetune.export import hf_state_dict
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
     from finetune_helpers import labels_for, torch_inputs
     from inputs import make_batch
 

@@ -30,7 +30,7 @@ def model_a(ckpt_a, ms_cpu):
 def reference_generate(ckpt, ids, mask, pv, pam, n):
     import torch
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from reference import corrected_position_ids
 
     kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     if pv is not None:

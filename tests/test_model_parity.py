@@ -1,6 +1,6 @@
 """fp32 logits of our model vs transformers' on the same checkpoint files (tolerance: 1e-5 relative L2).
 
-The reference's vision position ids are corrected to the integer rule (see mindone_idefics3/testing.py); rotary positions
+The reference's vision position ids are corrected to the integer rule (see tests/reference.py); rotary positions
 follow the attention mask on both sides (as transformers' generate does for left-padded batches). Logits are
 compared at real tokens only: positions of left padding are not defined by either model.
 """

@@ -1,4 +1,4 @@
-"""The vision position-id rule of design.md §2: row k → min(k·N // nb, N−1), computed in integers."""
+"""The vision position-id rule of docs/design.md §2: row k → min(k·N // nb, N−1), computed in integers."""
 import numpy as np
 import pytest
 

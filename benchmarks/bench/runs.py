@@ -106,10 +106,10 @@ def load_models(checkpoint, dtype: str, device: str, threads: int, reference: bo
 
 def reference_generate(ref, inputs: dict, new_tokens: int, pad_id: int, clock: TokenClock):
     """transformers' greedy generate() on torch inputs, no stop ids, its vision position ids corrected as in
-    mindone_idefics3/testing.py so the ids can be compared."""
+    tests/reference.py so the ids can be compared."""
     import torch
 
-    from mindone_idefics3.testing import corrected_position_ids
+    from tests.reference import corrected_position_ids
 
     with torch.inference_mode(), corrected_position_ids():
         out = ref.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,

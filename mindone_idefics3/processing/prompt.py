@@ -1,4 +1,4 @@
-"""Prompt expansion: each `<image>` in a prompt becomes the token block of its tiles (design.md §2).
+"""Prompt expansion: each `<image>` in a prompt becomes the token block of its tiles (docs/design.md §2).
 
 Split image (rows × cols tiles): for each row r and column c, `<fake_token_around_image><row_r_col_c>` followed by
 `<image>` × L, a newline after each row, then `\\n<fake_token_around_image><global-img>` + `<image>` × L +
