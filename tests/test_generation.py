@@ -11,8 +11,8 @@ from conftest import relative_l2
 from inputs import make_batch, reference_logits
 from mindone_idefics3 import Idefics3ForConditionalGeneration as Model
 from mindone_idefics3.errors import Idefics3Error
-from mindone_idefics3.generation import (apply_repetition_penalty, decode_step_fn, prefill, prompt_slots, sample,
-                                         stop_token_ids, top_k_top_p_filter)
+from mindone_idefics3.generation import (SamplingParams, apply_repetition_penalty, decode_step_fn, generate_steps,
+                                         prefill, prompt_slots, sample, stop_token_ids, top_k_top_p_filter)
 
 CASES = {
     "one_image": dict(images_per_row=[1], text_lens=[7]),
@@ -112,6 +112,43 @@ def test_per_row_sampling_options_and_seeds_do_not_depend_on_the_batch(ckpt_a, m
     assert not np.array_equal(both[1], greedy[1])  # it did sample
     with pytest.raises(Idefics3Error, match="seed has 3 values for a batch of 2 rows"):
         model_a.generate(ids, mask, pv, pam, do_sample=True, seed=[1, 2, 3], **kw)
+
+
+def test_each_row_ends_at_its_own_limit_or_stop_id_and_says_why(ckpt_a, model_a):
+    """generate_steps: rows with their own max_new_tokens end at it ("length"), a stop id ends a row ("stop", the
+    stop id is its last token), and every row's tokens equal the same rows run without those ends."""
+    ids, mask, pv, pam = make_batch(ckpt_a, [1, 0, 1], [6, 8, 4], np.random.default_rng(5))
+    free = model_a.generate(ids, mask, pv, pam, max_new_tokens=9, eos_token_id=[])[:, ids.shape[1]:]
+    stop = int(free[2, 2])
+    stop_at = list(free[2]).index(stop)
+    limits = [4, 9, 9]
+    rows = [SamplingParams(max_new_tokens=n) for n in limits]
+    ended, seen = {}, [[] for _ in limits]
+    for t, step in enumerate(generate_steps(model_a, ids, mask, pv, pam, rows, eos_token_id=[stop])):
+        for r in range(len(limits)):
+            assert step.live[r] == (r not in ended)
+            if step.live[r]:
+                seen[r].append(int(step.tokens[r]))
+            if step.finished[r] is not None:
+                ended[r] = (t, step.finished[r])
+    assert ended[0] == (3, "length") and seen[0] == list(free[0, :4])
+    assert ended[2] == (stop_at, "stop") and seen[2] == list(free[2, :stop_at + 1])
+    first_stop = list(free[1]).index(stop) if stop in free[1] else None
+    want = (first_stop, "stop") if first_stop is not None else (8, "length")
+    assert ended[1] == want and seen[1] == list(free[1, :want[0] + 1])
+
+
+def test_one_seed_for_the_batch_draws_row_by_row_from_one_generator(ckpt_a, model_a):
+    """One SamplingParams for the whole batch: its rows draw, in row order, from one generator seeded once; the
+    same seed per row draws each row from its own."""
+    ids, mask, pv, pam = make_batch(ckpt_a, [0, 0], [6, 6], np.random.default_rng(7))
+    ids[1], mask[1] = ids[0], mask[0]  # two equal rows
+    kw = dict(max_new_tokens=8, eos_token_id=[], do_sample=True, temperature=2.0)
+    shared = model_a.generate(ids, mask, pv, pam, seed=3, **kw)
+    own = model_a.generate(ids, mask, pv, pam, seed=[3, 3], **kw)
+    np.testing.assert_array_equal(own[0], own[1])  # equal rows, equal generators
+    np.testing.assert_array_equal(shared[0, :ids.shape[1] + 1], own[0, :ids.shape[1] + 1])  # row 0 draws first
+    assert not np.array_equal(shared[0], shared[1])  # ... and row 1 draws the next numbers
 
 
 def test_top_p_keeps_the_smallest_set_above_p():
