@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import peak_rss_mb, run_command
+from ..cli_options import peak_rss_mb, processor_overrides, run_command
 
 EPILOG = """\
 data: JSONL, one example per line in TRL's conversational format:
@@ -170,12 +170,7 @@ def run(args) -> int:
     world = init_world()
     device = select_device(args.device)
     model_dir = resolve_model_dir(args.model)
-    overrides = {}
-    if args.longest_edge:
-        overrides["size"] = {"longest_edge": args.longest_edge}
-    if args.no_image_splitting:
-        overrides["do_image_splitting"] = False
-    processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
+    processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=args.dtype, device=device,
                                                              progress=not args.no_progress and world.rank == 0)
     lora = None
