@@ -33,6 +33,7 @@ import batch_benchmark  # noqa: E402  (the SmolVLM-shaped checkpoint with a toke
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
 from bench.memory import peak_rss_mb  # noqa: E402
 from bench.processes import run_jobs, save_results, script_main  # noqa: E402
+from bench.report import write_json  # noqa: E402
 
 ANSWER = "The photo shows a few coloured shapes on a smooth background, with some noise like a real camera makes."
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -247,11 +248,7 @@ def write_results(args, threads: int, load_at_start: float, rows: List[Dict]) ->
                    load_average_1min_at_start=load_at_start, load_average_1min_at_end=os.getloadavg()[0])
     result = dict(machine=machine, threads=threads, batch_size=args.batch_size, steps=args.steps,
                   definitions=__doc__, results=rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(Path(args.out), result)
     return result
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..cli_options import peak_rss_mb, processor_overrides, run_command
+from ..files import atomic_path, write_json_atomically
 
 EPILOG = """\
 data: JSONL, one example per line in TRL's conversational format:
@@ -223,7 +224,7 @@ def run(args) -> int:
                 raise Idefics3Error(f"--resume with other options than the run in {out} ({', '.join(changed)}); "
                                     "resume with the same options, or --overwrite")
         else:
-            write_json(out / "run_settings.json", settings)
+            write_json_atomically(out / "run_settings.json", settings)
 
     if args.resume:
         trainer.load_checkpoint()
@@ -275,12 +276,6 @@ def init_world():
     return World(get_rank(), get_group_size())
 
 
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plot_losses(out: Path) -> None:
     """OUT/loss.png from train_log.jsonl when matplotlib is installed (the `plot` extra); silently skipped else."""
     try:
@@ -301,7 +296,6 @@ def plot_losses(out: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = out / ".loss.png.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")

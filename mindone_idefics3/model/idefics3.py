@@ -12,6 +12,7 @@ from mindspore import Tensor, nn, ops
 from ..config import Idefics3Config
 from ..device import current_device, jit_cell, resolve_dtype, select_device
 from ..errors import Idefics3Error
+from ..files import read_json
 from .connector import Connector, check_patch_grid
 from .layers import Linear
 from .loss import causal_lm_loss
@@ -173,7 +174,7 @@ class Idefics3ForConditionalGeneration(nn.Cell):
         # A tied checkpoint may still carry lm_head.weight; the embedding is what the model uses.
         load_weights(params, reader, ms_dtype, ignore=lambda n: model.tied and n == "lm_head.weight",
                      progress=progress)
-        model.generation_config = _read_json(model_dir / "generation_config.json")
+        model.generation_config = read_json(model_dir / "generation_config.json", missing_ok=True)
         model.model_dir = str(model_dir)
         if adapter is not None:  # a lazy delegate, like `generate`: finetune/ builds on the model
             from ..finetune.lora import load_adapter
@@ -312,15 +313,3 @@ class Idefics3ForConditionalGeneration(nn.Cell):
     @property
     def device(self) -> str:
         return current_device()
-
-
-def _read_json(path) -> dict:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Idefics3Error(f"{path} is not valid JSON ({e})") from None
