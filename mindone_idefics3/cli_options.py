@@ -3,7 +3,6 @@ and a model on the chosen device, the options of `generate`). No MindSpore at im
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 from typing import Any, Dict, Optional, Tuple
 
@@ -99,10 +98,6 @@ def model_inputs(inputs) -> dict:
     """The processor output's entries that `generate` takes."""
     keys = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
     return {k: inputs[k] for k in keys if k in inputs and inputs[k] is not None}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def run_command(run, args: argparse.Namespace) -> int:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -46,7 +45,7 @@ from .errors import Idefics3Error
 from .files import remove, replace_directory
 from .version import __version__
 from .hub import resolve_model_dir
-from .process import is_alive
+from .process import is_alive, peak_rss_bytes
 from .weights import NP_DTYPES, SAFE_INDEX, CheckpointReader, cast, plan_weights
 
 CHUNK_ELEMENTS = 2**20  # per read/cast/write step (2-4 MB: cache-sized, ~2x faster than 32 MB chunks)
@@ -335,20 +334,6 @@ def _size(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes.
-
-    Linux: VmHWM. Not ru_maxrss, which after fork + exec still holds the parent's peak (a converter started from
-    a big Python process would report that process's memory).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
-
-
 def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, force: bool = False,
             verify_output: bool = True, fused: bool = False, revision: Optional[str] = None,
             cache_dir: Optional[str] = None, progress: Optional[bool] = None) -> Summary:
@@ -431,7 +416,7 @@ def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, 
         hasher.close()
         reader.close()
     return Summary(dst, len(tensors), len(shards), bytes_in, bytes_out, dtype, verify_output,
-                   time.perf_counter() - started, peak_rss())
+                   time.perf_counter() - started, peak_rss_bytes())
 
 
 # ----------------------------------------------------------------------------------------------- command line

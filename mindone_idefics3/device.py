@@ -16,6 +16,7 @@ from mindspore import log as ms_log
 from mindspore._c_expression import DeviceManagerConf, RuntimeConf
 
 from .errors import Idefics3Error
+from .process import usable_cores
 
 DEVICES = ("Ascend", "CPU")
 _DTYPES = {
@@ -115,8 +116,8 @@ def _set_cpu_threads() -> None:
 def cpu_threads() -> int:
     """Kernel threads for MindSpore's CPU backend: $MINDONE_CPU_THREADS, else the cores this process may use.
 
-    Left at MindSpore's default, a 2-core machine here spent 1–4 ms on a 57k-element multiply instead of ~50 µs
-    (the pool is sized for the host, not for the cores the process is allowed to run on).
+    Not MindSpore's default: its pool is sized for the host, not for the cores the process is allowed to run on,
+    and more threads than cores make even small ops many times slower.
     """
     env = os.environ.get("MINDONE_CPU_THREADS")
     if env:
@@ -124,7 +125,7 @@ def cpu_threads() -> int:
             return max(1, int(env))
         except ValueError:
             raise Idefics3Error(f"MINDONE_CPU_THREADS must be a positive integer, got {env!r}") from None
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 # MindSpore 2.10's PyNative pipeline thread. Between ops it waits for work by spinning on sched_yield, and on the CPU

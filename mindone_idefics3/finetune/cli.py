@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import peak_rss_mb, processor_overrides, run_command
+from ..cli_options import processor_overrides, run_command
 from ..files import atomic_path, write_json_atomically
+from ..process import peak_rss_bytes
 
 EPILOG = """\
 data: JSONL, one example per line in TRL's conversational format:
@@ -240,7 +241,7 @@ def run(args) -> int:
     plot_losses(out)
     if records:
         print(f"done: {trainer.step} steps, last loss {records[-1]['loss']:.4f}, {trainer.skipped} examples "
-              f"skipped, peak host memory {peak_rss_mb():.0f} MB → {out}", file=sys.stderr)
+              f"skipped, peak host memory {peak_rss_bytes() / 2**20:.0f} MB → {out}", file=sys.stderr)
     return 0
 
 
