@@ -74,11 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import current_world, is_msrun_scheduler, share_cpu_threads
     from ..errors import Idefics3Error
     from .progress import Progress
     from .rows import read_rows
-    from .shards import (OutputFiles, announce, current_world, finished, is_msrun_scheduler, merge, missing,
-                         share_cpu_threads, wait_for_all_rows)
+    from .shards import OutputFiles, announce, finished, merge, missing, wait_for_all_rows
 
     if is_msrun_scheduler():
         return 0  # msrun's scheduler process: no rows for it (see shards.py)

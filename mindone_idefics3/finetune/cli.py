@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..cli_options import processor_overrides, run_command
+from ..distributed import World, current_world, is_msrun_scheduler, share_cpu_threads
 from ..files import atomic_path, write_json_atomically
 from ..process import peak_rss_bytes
 
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")
-    if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler: serve communication.init(), nothing else
+    if is_msrun_scheduler():  # serve communication.init(), nothing else
         from mindspore.communication import init
 
         init()
@@ -261,16 +262,12 @@ def run_settings(args, world) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "workers": world.size}
 
 
-def init_world():
+def init_world() -> World:
     """msrun's workers (RANK_SIZE > 1): MindSpore's communication, each rank a share of the CPU cores."""
-    from .trainer import World
-
-    size = int(os.environ.get("RANK_SIZE", "1") or 1)
-    if size <= 1:
-        return World()
-    if "MINDONE_CPU_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["MINDONE_CPU_THREADS"] = str(max(1, cores // size))
+    world = current_world()
+    if world.size == 1:
+        return world
+    share_cpu_threads(world)
     from mindspore.communication import get_group_size, get_rank, init
 
     init()

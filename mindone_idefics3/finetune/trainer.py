@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +32,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
+from ..distributed import World
 from ..errors import Idefics3Error
 from ..files import atomic_directory, write_text_atomically
 from .data import Labeler, TrainingData, collate_examples, scored_tokens
@@ -60,22 +61,6 @@ class TrainConfig:
     skip_long: bool = False
     eval_steps: Optional[int] = None
     save_steps: Optional[int] = None
-
-
-@dataclass
-class World:
-    """This process's place among the data-parallel workers (msrun's), and the AllReduce that adds their sums."""
-
-    rank: int = 0
-    size: int = 1
-    _all_reduce: Optional[Callable] = field(default=None, repr=False)
-
-    def all_reduce(self, tensors: List[Tensor]) -> List[Tensor]:
-        if self.size == 1:
-            return tensors
-        if self._all_reduce is None:
-            self._all_reduce = ops.AllReduce()
-        return [self._all_reduce(t) for t in tensors]
 
 
 def padding_rows(model, params: Sequence[Parameter]) -> Dict[int, int]:
