@@ -17,9 +17,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .device import jit_cell, synchronize
 from .errors import Idefics3Error
 from .model.idefics3 import key_keep_or_none, position_ids_from_mask
+from .runtime import jit_cell, synchronize
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are CACHE_BUCKET x a power of two, so compiled steps are reused

@@ -10,9 +10,10 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import Idefics3Config
-from ..device import current_device, jit_cell, resolve_dtype, select_device
+from ..device import current_device, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from ..files import read_json
+from ..runtime import jit_cell
 from .connector import Connector, check_patch_grid
 from .layers import Linear
 from .loss import causal_lm_loss

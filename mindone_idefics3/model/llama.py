@@ -20,12 +20,12 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
-from ..device import as_graph_inputs, idle_pipeline, jit_cell
 from ..ops import attention as attention_ops, kernels
 from ..ops.attention import EagerAttention, make_attention
 from ..ops.kv_cache import KVCache, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
+from ..runtime import as_graph_inputs, idle_pipeline, jit_cell
 from .layers import Embedding, Linear, linear
 
 PREFILL_CHUNK_MULTIPLE = 64  # eager prefill chunks are multiples of this (= generation's PREFILL_BUCKET)
