@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..cli_options import add_model_arguments, add_sampling_arguments, check_max_new_tokens
+from ..cli_options import add_model_arguments, add_sampling_arguments, check_max_new_tokens, run_command
 
 DEFAULT_BATCH_SIZE = 8
 WINDOW_BATCHES = 4  # default --sort-window: this many batches of rows are prepared and sorted together
@@ -57,20 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING lines would drown the progress bar
-    from ..errors import Idefics3Error
     from .shards import RankDied
 
-    try:
-        return run(args)
-    except Idefics3Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RankDied as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the records written so far are kept; rerun the same command to finish", file=sys.stderr)
-        return 130
+    return run_command(run, args, errors={RankDied: 1},
+                       interrupted="interrupted: the records written so far are kept; rerun the same command to finish")
 
 
 def run(args: argparse.Namespace) -> int:
