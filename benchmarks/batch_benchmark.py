@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
-from bench.memory import peak_rss_mb  # noqa: E402
 from bench.processes import run_jobs, save_results, script_main  # noqa: E402
 from bench.presets import ensure_preset  # noqa: E402
+from mindone_idefics3.process import peak_rss_bytes  # noqa: E402
 
 PRESET = "smolvlm-256m"
 TILE, LONGEST_EDGE, IMAGE_SEQ_LEN = 512, 2048, 64  # SmolVLM-256M's processor: 512-px tiles, 4 x 512, 64 tokens
@@ -172,7 +172,7 @@ def summary(passes, job: dict) -> dict:
     return dict(impl=job["impl"], batch=job["batch"], rows=len(records), seconds=round(seconds, 2),
                 cold_seconds=round(cold_s, 2), completion_tokens=tokens, rows_per_s=round(len(records) / seconds, 3),
                 tokens_per_s=round(tokens / seconds, 2), errors=sum("error" in r for r in records),
-                peak_rss_mb=round(peak_rss_mb()), answers={str(r["id"]): r.get("answer") for r in records})
+                peak_rss_mb=round(peak_rss_bytes() / 2**20), answers={str(r["id"]): r.get("answer") for r in records})
 
 
 def child_main(job: dict) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 from bench import ROOT
 from bench.machine import cpu_model, meminfo_bytes
 from bench.processes import evict, run_measured
+from mindone_idefics3.process import usable_cores
 
 RSS_LIMIT = 1.5e9
 
@@ -105,7 +106,7 @@ def run_conversion(src: Path, dst: Path, dtype: str, verify: bool) -> dict:
 def machine() -> dict:
     import mindspore
 
-    return dict(cpu=cpu_model(), cores=len(os.sched_getaffinity(0)), ram_gb=round(meminfo_bytes("MemTotal") / 1e9, 1),
+    return dict(cpu=cpu_model(), cores=usable_cores(), ram_gb=round(meminfo_bytes("MemTotal") / 1e9, 1),
                 python=platform.python_version(), numpy=np.__version__, mindspore=mindspore.__version__,
                 platform=platform.platform())
 

@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import batch_benchmark  # noqa: E402  (the SmolVLM-shaped checkpoint with a tokenizer, and photos)
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
-from bench.memory import peak_rss_mb  # noqa: E402
 from bench.processes import run_jobs, save_results, script_main  # noqa: E402
+from bench.report import write_json  # noqa: E402
+from mindone_idefics3.process import peak_rss_bytes  # noqa: E402
 
 ANSWER = "The photo shows a few coloured shapes on a smooth background, with some noise like a real camera makes."
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -174,7 +175,7 @@ def timed(job: dict, steps: List[dict], step) -> dict:
     tokens = int(sum(b["attention_mask"].sum() for b in steps[1:]))
     return dict(impl=job["impl"], mode=job["mode"], recompute=job["recompute"], steps=len(steps) - 1,
                 batch=job["batch"], seconds=round(seconds, 2), samples_per_s=round(samples / seconds, 4),
-                tokens_per_s=round(tokens / seconds, 1), tokens=tokens, peak_rss_mb=round(peak_rss_mb()),
+                tokens_per_s=round(tokens / seconds, 1), tokens=tokens, peak_rss_mb=round(peak_rss_bytes() / 2**20),
                 first_loss=round(losses[0], 5))
 
 
@@ -247,11 +248,7 @@ def write_results(args, threads: int, load_at_start: float, rows: List[Dict]) ->
                    load_average_1min_at_start=load_at_start, load_average_1min_at_end=os.getloadavg()[0])
     result = dict(machine=machine, threads=threads, batch_size=args.batch_size, steps=args.steps,
                   definitions=__doc__, results=rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(Path(args.out), result)
     return result
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
 from bench.runs import TokenClock  # (importing bench puts this checkout first on sys.path)
+from mindone_idefics3.process import peak_rss_bytes
 
 
 def main(argv=None) -> int:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                   first_step_seconds=round(times[1] - times[0], 3) if len(times) > 1 else None,
                   decode_tokens_per_second=round((len(times) - 2) / (times[-1] - times[1]), 2)
                   if len(times) > 2 else None,
-                  peak_host_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  peak_host_memory_mb=round(peak_rss_bytes() / 2**20, 1),
                   torch_threads=torch.get_num_threads(),
                   attention=model.config._attn_implementation, new_ids=new_ids)
     print(json.dumps(report))

@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import batch_benchmark  # noqa: E402  (SmolVLM-shaped checkpoint with a tokenizer, photos)
 from bench.machine import describe  # noqa: E402  (the benchmarks' shared package: benchmarks/bench)
+from bench.report import write_json  # noqa: E402
+from mindone_idefics3.files import write_text_atomically  # noqa: E402
 
 READY = "idefics3-serve: ready at "
 QUESTIONS = batch_benchmark.QUESTIONS[:2]  # the two short ones: every prompt lands in one prefill bucket
@@ -252,14 +254,9 @@ def main(argv=None) -> int:
                   server_exit_code=code, levels=levels,
                   levels_with_early_stops=[r["clients"] for r in short], definitions=__doc__)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(out, result)
     table = markdown(result)
-    md = out.with_suffix(".md")
-    md.with_suffix(".md.tmp").write_text(table + "\n")
-    os.replace(md.with_suffix(".md.tmp"), md)
+    write_text_atomically(out.with_suffix(".md"), table + "\n")
     print(table)
     return 0
 

@@ -10,8 +10,8 @@ import time
 from typing import List, Optional
 
 from .cli_options import (add_model_arguments, add_sampling_arguments, check_max_new_tokens, dtype_label,
-                          generation_options, load_processor_and_model, peak_rss_mb,
-                          run_command)
+                          generation_options, load_processor_and_model, run_command)
+from .process import peak_rss_bytes
 
 DEFAULT_MODEL = "HuggingFaceM4/Idefics3-8B-Llama3"
 
@@ -109,7 +109,8 @@ def _answer(args: argparse.Namespace) -> int:
                   vision_seconds=round(stats.vision_seconds, 3), prefill_seconds=round(stats.prefill_seconds, 3),
                   first_step_seconds=round(stats.first_step_seconds, 3),
                   decode_tokens_per_second=round(stats.decode_tokens_per_second, 2),
-                  decode_seconds=round(stats.decode_seconds, 3), peak_host_memory_mb=round(peak_rss_mb(), 1),
+                  decode_seconds=round(stats.decode_seconds, 3),
+                  peak_host_memory_mb=round(peak_rss_bytes() / 2**20, 1),
                   total_seconds=round(time.perf_counter() - t_start, 3),
                   compile_cache=None if cache_dir is None else str(cache_dir),
                   new_ids=[int(t[0]) for t in stats.new_ids])

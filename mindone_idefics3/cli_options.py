@@ -3,9 +3,8 @@ and a model on the chosen device, the options of `generate`). No MindSpore at im
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None,
@@ -95,26 +94,19 @@ def dtype_label(args: argparse.Namespace, device: str) -> str:
     return args.dtype or ("bf16" if device == "Ascend" else "fp32")
 
 
-def model_inputs(inputs) -> dict:
-    """The processor output's entries that `generate` takes."""
-    keys = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
-    return {k: inputs[k] for k in keys if k in inputs and inputs[k] is not None}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def run_command(run, args: argparse.Namespace) -> int:
+def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                errors: Optional[Dict[Type[Exception], int]] = None, interrupted: str = "interrupted") -> int:
     """A command's body under the package's CLI contract: an Idefics3Error is one `error: ...` line on stderr and
-    exit code 2, Ctrl-C `interrupted` and 130."""
+    exit code 2, Ctrl-C one `interrupted` line and 130. `errors`: more exception types reported the same way, with
+    their own exit codes; `interrupted`: the Ctrl-C line of a command that has more to say."""
     from .errors import Idefics3Error
 
+    codes = {Idefics3Error: 2, **(errors or {})}
     try:
         return run(args)
-    except Idefics3Error as e:
+    except tuple(codes) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return next(code for kind, code in codes.items() if isinstance(e, kind))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import Idefics3Error
-from .json_file import read_json
+from .files import read_json
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MAX_SIZE = 2**31 - 1  # no dimension or count of a real model comes near

@@ -21,13 +21,10 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 1 verification failed or a
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -45,9 +42,10 @@ import numpy as np
 
 from .config import Idefics3Config
 from .errors import Idefics3Error
+from .files import remove, replace_directory
 from .version import __version__
 from .hub import resolve_model_dir
-from .process import is_alive
+from .process import is_alive, peak_rss_bytes
 from .weights import NP_DTYPES, SAFE_INDEX, CheckpointReader, cast, plan_weights
 
 CHUNK_ELEMENTS = 2**20  # per read/cast/write step (2-4 MB: cache-sized, ~2x faster than 32 MB chunks)
@@ -278,7 +276,7 @@ def _remove_stale_partials(dst: Path) -> None:
         pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
         if pid.isdigit() and not is_alive(int(pid)):
             print(f"removing {path}, left by an interrupted conversion", file=sys.stderr)
-            _remove(path)
+            remove(path)
 
 
 def _make_parents(dst: Path) -> List[Path]:
@@ -305,54 +303,6 @@ def _remove_empty(directories: List[Path]) -> None:
             continue
         except OSError:
             return
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    """`tmp` becomes `dst`. An existing `dst` stays whole until the new one is there, then is deleted."""
-    if not (dst.exists() or dst.is_symlink()):
-        os.rename(tmp, dst)
-    elif _exchange(tmp, dst):
-        _remove(tmp)  # now the old DST
-    else:  # two renames; if interrupted in between, the old DST is put back
-        old = dst.with_name(tmp.name + ".old")
-        os.rename(dst, old)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
-        _remove(old)
-    _fsync(dst.parent)
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -382,20 +332,6 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes.
-
-    Linux: VmHWM. Not ru_maxrss, which after fork + exec still holds the parent's peak (a converter started from
-    a big Python process would report that process's memory).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
 
 
 def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, force: bool = False,
@@ -436,7 +372,7 @@ def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, 
         if free < bytes_out + (1 << 20):
             raise Idefics3Error(f"{dst.parent} has {_size(free)} free; the converted checkpoint needs "
                                 f"{_size(bytes_out)}")
-        _remove(tmp)
+        remove(tmp)
         extras = extra_files(src_dir)
         for path in reader.files + extras:
             hasher.add(path)
@@ -471,18 +407,16 @@ def convert(src: str, dst, *, dtype: str = "bf16", shard_size: int = 5 * 10**9, 
             "copied_files": [p.name for p in extras],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes them DST
-            _fsync(path)
-        _move_into_place(tmp, dst)
+        replace_directory(tmp, dst)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         _remove_empty(created)
         raise
     finally:
         hasher.close()
         reader.close()
     return Summary(dst, len(tensors), len(shards), bytes_in, bytes_out, dtype, verify_output,
-                   time.perf_counter() - started, peak_rss())
+                   time.perf_counter() - started, peak_rss_bytes())
 
 
 # ----------------------------------------------------------------------------------------------- command line

@@ -1,4 +1,4 @@
-"""Device choice and dtype policy: the one place that knows what each device can run.
+"""Device choice, dtype policy and MindSpore's CPU threads: the one place that knows what each device can run.
 
 MindSpore's CPU backend has no bf16 matmul/softmax/conv kernels and no flash attention (mindspore-notes.md), so
 bf16 is refused on the CPU with a message that says what to use instead. Branch on the device, never probe
@@ -6,7 +6,6 @@ kernels with try/except: on the CPU a missing kernel can fail later, in an unrel
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Optional, Union
@@ -16,6 +15,7 @@ from mindspore import log as ms_log
 from mindspore._c_expression import DeviceManagerConf, RuntimeConf
 
 from .errors import Idefics3Error
+from .process import usable_cores
 
 DEVICES = ("Ascend", "CPU")
 _DTYPES = {
@@ -115,8 +115,8 @@ def _set_cpu_threads() -> None:
 def cpu_threads() -> int:
     """Kernel threads for MindSpore's CPU backend: $MINDONE_CPU_THREADS, else the cores this process may use.
 
-    Left at MindSpore's default, a 2-core machine here spent 1–4 ms on a 57k-element multiply instead of ~50 µs
-    (the pool is sized for the host, not for the cores the process is allowed to run on).
+    Not MindSpore's default: its pool is sized for the host, not for the cores the process is allowed to run on,
+    and more threads than cores make even small ops many times slower.
     """
     env = os.environ.get("MINDONE_CPU_THREADS")
     if env:
@@ -124,99 +124,7 @@ def cpu_threads() -> int:
             return max(1, int(env))
         except ValueError:
             raise Idefics3Error(f"MINDONE_CPU_THREADS must be a positive integer, got {env!r}") from None
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# MindSpore 2.10's PyNative pipeline thread. Between ops it waits for work by spinning on sched_yield, and on the CPU
-# it spins beside the kernel threads of a compiled graph it waits for: on this 2-core machine it took ~40% of a core
-# (80% of it in the kernel) while a compiled SigLIP layer ran, which then took 150–290 ms instead of ~155 ms.
-SPINNING_THREADS = ("frontend_queue",)
-_IDLE_ENV = "MINDONE_IDLE_PIPELINE"
-_spinning: list = []  # thread ids found by the last scan
-_idle_depth = 0
-
-
-def _idle_enabled() -> bool:
-    value = os.environ.get(_IDLE_ENV, "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "off", "on"):
-        raise Idefics3Error(f"{_IDLE_ENV} must be 1 (idle MindSpore's spinning pipeline thread while compiled "
-                            f"graphs run) or 0, got {value!r}")
-    return value in ("1", "true", "on") and current_device() == "CPU" and hasattr(os, "sched_setscheduler")
-
-
-def _scan_spinning_threads() -> list:
-    found = []
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() in SPINNING_THREADS:
-                    found.append(int(tid))
-        except (OSError, ValueError):  # the thread ended meanwhile
-            continue
-    return found
-
-
-def _set_idle(tids: list) -> dict:
-    """SCHED_IDLE for the threads; returns {tid: the policy it had} for those that took it (a thread may have
-    ended, or the host may refuse the policy)."""
-    done = {}
-    for tid in tids:
-        try:
-            before = os.sched_getscheduler(tid)
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            done[tid] = before
-        except OSError:
-            continue
-    return done
-
-
-def _restore(previous: dict) -> None:
-    for tid, policy in previous.items():
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except OSError:  # the thread ended meanwhile
-            continue
-
-
-@contextlib.contextmanager
-def idle_pipeline():
-    """While a loop of compiled-graph calls runs on the CPU: MindSpore's spinning pipeline thread
-    (`SPINNING_THREADS`) under the SCHED_IDLE policy, so it runs only when a core has nothing else to do, and back
-    to the policy it had afterwards. Only around compiled graphs: PyNative ops run *on* that thread, and an idle
-    thread made a PyNative generate 2–3× slower. Linux only; a no-op on Ascend (the host cores feed the NPU there),
-    when nested, and with $MINDONE_IDLE_PIPELINE=0."""
-    global _spinning, _idle_depth
-    if _idle_depth or not _idle_enabled():
-        _idle_depth += 1
-        try:
-            yield
-        finally:
-            _idle_depth -= 1
-        return
-    _idle_depth += 1
-    previous = _set_idle(_spinning)
-    if len(previous) != len(_spinning) or not _spinning:  # first use, or the threads changed: look again
-        _restore(previous)
-        _spinning = _scan_spinning_threads()
-        previous = _set_idle(_spinning)
-    try:
-        yield
-    finally:
-        _restore(previous)
-        _idle_depth -= 1
-
-
-def synchronize(tensor) -> None:
-    """Wait until `tensor` (and everything queued before it) is computed. On the CPU, MindSpore's
-    runtime.synchronize() logs "CPU device is not supported", so one element is read back instead."""
-    if is_ascend():
-        ms.runtime.synchronize()
-    else:
-        tensor.reshape(-1)[:1].asnumpy()
+    return usable_cores()
 
 
 def current_device() -> str:
@@ -252,17 +160,3 @@ def resolve_dtype(dtype: Union[str, "ms.dtype.Type", None], device: Optional[str
 
 def dtype_name(dtype) -> str:
     return {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}.get(dtype, str(dtype))
-
-
-def jit_cell(cell):
-    """`cell` as a `mindspore.jit` function (capture_mode='ast': in-place Parameter writes persist), compiled once
-    per input shape. Each graph is the Cell's own: a shared Python wrapper made MindSpore warn that "the same
-    function" was compiled again for every new graph."""
-    return ms.jit(cell, capture_mode="ast")
-
-
-def as_graph_inputs(params) -> list:
-    """Parameters as plain Tensors sharing their data (None stays None), to pass as inputs of one compiled graph
-    that several layers share: given Parameters, MindSpore compiles (and keeps the memory of) one graph per
-    Parameter set. In-place writes of the graph (a KV cache's scatter) still reach the Parameter."""
-    return [None if p is None else ms.Tensor(p) for p in params]

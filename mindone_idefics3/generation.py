@@ -26,7 +26,7 @@ from .errors import Idefics3Error
 from .ops.attention import key_keep_or_none
 from .ops.rope import position_ids_from_mask
 from .processing.tokenizer import added_token_id
-from .device import jit_cell, synchronize
+from .runtime import jit_cell, synchronize
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 CACHE_BUCKET = 64  # cache lengths are CACHE_BUCKET x a power of two, so compiled steps are reused

@@ -20,7 +20,7 @@ from mindspore.common import np_dtype
 from safetensors import SafetensorError, safe_open
 
 from .errors import Idefics3Error
-from .json_file import read_json
+from .files import read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -657,8 +657,8 @@ def test_peak_memory_does_not_grow_with_the_tensor_size(tmp_path):
         (6_000_000, 48), dtype=np.float32)
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     del tensors
-    baseline = subprocess.run([sys.executable, "-c", "from mindone_idefics3 import convert; "
-                               "from mindone_idefics3.model import idefics3; print(convert.peak_rss())"],
+    baseline = subprocess.run([sys.executable, "-c", "from mindone_idefics3 import convert, process; "
+                               "from mindone_idefics3.model import idefics3; print(process.peak_rss_bytes())"],
                               cwd=ROOT, capture_output=True, text=True, check=True)
     proc = subprocess.run([sys.executable, "-m", "mindone_idefics3.convert", str(src), str(tmp_path / "ms"),
                            "--dtype", "fp16", "--no-progress"], cwd=ROOT, capture_output=True, text=True)

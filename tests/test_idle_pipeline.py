@@ -1,4 +1,4 @@
-"""device.idle_pipeline: MindSpore's spinning pipeline thread runs under SCHED_IDLE inside the context (compiled
+"""runtime.idle_pipeline: MindSpore's spinning pipeline thread runs under SCHED_IDLE inside the context (compiled
 graph loops), under the normal policy outside it (PyNative ops run on that thread), and the switch is honoured.
 
 Each case runs in a fresh interpreter: the policy is process state, and the thread is MindSpore's own.
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="L
 SCRIPT = """
 import json, os
 import mindspore as ms
-from mindone_idefics3 import device
+from mindone_idefics3 import device, runtime
 device.select_device("CPU")
 (ms.Tensor(1.0) + 1).asnumpy()  # MindSpore starts its pipeline threads with the first op
 
@@ -28,18 +28,18 @@ def policies():
 
 record = {"before": policies()}
 try:
-    with device.idle_pipeline():
+    with runtime.idle_pipeline():
         record["inside"] = policies()
-        with device.idle_pipeline():
+        with runtime.idle_pipeline():
             pass
         record["after_nested"] = policies()
     record["after"] = policies()
-    with device.idle_pipeline():
+    with runtime.idle_pipeline():
         record["again"] = policies()
     for tid in os.listdir("/proc/self/task"):  # a policy someone else gave the thread comes back too
         if open(f"/proc/self/task/{tid}/comm").read().strip() == "frontend_queue":
             os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
-    with device.idle_pipeline():
+    with runtime.idle_pipeline():
         record["inside_batch"] = policies()
     record["after_batch"] = policies()
 except Exception as exc:  # the tests read the message

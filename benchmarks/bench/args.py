@@ -5,6 +5,8 @@ import argparse
 import os
 from typing import List
 
+from mindone_idefics3.process import usable_cores
+
 from . import CACHE
 from .presets import PRESETS
 
@@ -44,7 +46,7 @@ def use_threads(threads) -> int:
     `threads`, else $MINDONE_CPU_THREADS, else the cores this process may use."""
     if threads:
         os.environ["MINDONE_CPU_THREADS"] = str(threads)
-    n = int(os.environ.get("MINDONE_CPU_THREADS") or len(os.sched_getaffinity(0)))
+    n = int(os.environ.get("MINDONE_CPU_THREADS") or usable_cores())
     os.environ["MINDONE_CPU_THREADS"] = str(n)
     return n
 

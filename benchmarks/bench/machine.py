@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from mindone_idefics3.process import usable_cores
+
 
 def cpu_model() -> str:
     try:
@@ -37,7 +39,7 @@ def package_version(name: str) -> Optional[str]:
 
 def describe(threads: int, device: str, reference: bool = False) -> dict:
     """CPU model, cores, RAM, load average, device, threads, versions (torch/transformers with a reference), date."""
-    info = dict(cpu=cpu_model(), cores_usable=len(os.sched_getaffinity(0)), cores_total=os.cpu_count(),
+    info = dict(cpu=cpu_model(), cores_usable=usable_cores(), cores_total=os.cpu_count(),
                 ram_gb=round(meminfo_bytes("MemTotal") / 1e9, 1),
                 ram_available_gb=round(meminfo_bytes("MemAvailable") / 1e9, 1),
                 load_average_1min_at_start=os.getloadavg()[0], device=device, threads=threads,

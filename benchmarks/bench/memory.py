@@ -1,9 +1,11 @@
-"""Memory of this process: resident set now (VmRSS), its peak (VmHWM) and resetting that peak; Ascend device
-memory. The peak of one call = reset_peak() before it, peak_rss_mb() after it."""
+"""Memory of this process: resident set now (VmRSS), resetting its peak (VmHWM, read with
+mindone_idefics3.process.peak_rss_bytes); Ascend device memory. The peak of one call = reset_peak() before it,
+peak_rss_bytes() after it."""
 from __future__ import annotations
 
-import resource
 from typing import Optional
+
+from mindone_idefics3.process import peak_rss_bytes
 
 
 def _status_kb(key: str) -> Optional[int]:
@@ -14,19 +16,9 @@ def _status_kb(key: str) -> Optional[int]:
         return None
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 def rss_mb() -> float:
     kb = _status_kb("VmRSS")
-    return kb / 1024 if kb is not None else _max_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory since it started or since the last reset_peak()."""
-    kb = _status_kb("VmHWM")
-    return kb / 1024 if kb is not None else _max_rss_mb()
+    return kb / 1024 if kb is not None else peak_rss_bytes() / 2**20
 
 
 def reset_peak(device: str = "CPU") -> bool:

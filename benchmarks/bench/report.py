@@ -1,10 +1,10 @@
 """Reporting: markdown tables, JSON written atomically, and matplotlib when it is installed (the `plot` extra)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence, Tuple
+
+from mindone_idefics3.files import write_json_atomically
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -30,12 +30,10 @@ def table(columns: Sequence[Tuple[str, str]], rows: Iterable[Sequence]) -> list:
 
 
 def write_json(path: Path, data) -> None:
-    """Write `data` as indented JSON, atomically: readers see the old file or the new one, never a part."""
+    """Write `data` as indented JSON, atomically (its folder created first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomically(path, data)
 
 
 def pyplot():

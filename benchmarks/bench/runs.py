@@ -16,7 +16,9 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .memory import device_peak_mb, peak_rss_mb, reset_peak, rss_mb
+from mindone_idefics3.process import peak_rss_bytes
+
+from .memory import device_peak_mb, reset_peak, rss_mb
 
 
 class TokenClock:
@@ -54,7 +56,7 @@ def measure(call: Callable[[TokenClock], Tuple[np.ndarray, dict]], new_tokens: i
     new_ids, details = call(clock)
     if len(clock.times) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} new tokens, got {len(clock.times)}")
-    peak = peak_rss_mb()
+    peak = peak_rss_bytes() / 2**20
     return Run(ttft=clock.times[0] - t0, tokens_per_second=(new_tokens - 2) / (clock.times[-1] - clock.times[1]),
                new_ids=new_ids, peak_rss_mb=peak, peak_above_baseline_mb=peak - baseline, details=details,
                device_peak_mb=device_peak_mb(device))

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..cli_options import add_model_arguments, add_sampling_arguments, check_max_new_tokens
+from ..cli_options import add_model_arguments, add_sampling_arguments, check_max_new_tokens, run_command
 
 DEFAULT_BATCH_SIZE = 8
 WINDOW_BATCHES = 4  # default --sort-window: this many batches of rows are prepared and sorted together
@@ -57,28 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING lines would drown the progress bar
-    from ..errors import Idefics3Error
     from .shards import RankDied
 
-    try:
-        return run(args)
-    except Idefics3Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RankDied as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the records written so far are kept; rerun the same command to finish", file=sys.stderr)
-        return 130
+    return run_command(run, args, errors={RankDied: 1},
+                       interrupted="interrupted: the records written so far are kept; rerun the same command to finish")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import current_world, is_msrun_scheduler, share_cpu_threads
     from ..errors import Idefics3Error
     from .progress import Progress
     from .rows import read_rows
-    from .shards import (OutputFiles, announce, current_world, finished, is_msrun_scheduler, merge, missing,
-                         share_cpu_threads, wait_for_all_rows)
+    from .shards import OutputFiles, announce, finished, merge, missing, wait_for_all_rows
 
     if is_msrun_scheduler():
         return 0  # msrun's scheduler process: no rows for it (see shards.py)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
 from ..errors import Idefics3Error
+from ..files import atomic_path
 
 Record = Dict[str, Any]
 
@@ -74,20 +75,7 @@ def _drop_torn_tail(f) -> None:
 
 
 def write_atomically(path: Path, records: Iterable[Record]) -> None:
-    """Write `path` so that it is either absent/old or complete: a temp file in the same folder, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+    """Write `path` so that it is either absent/old or complete (files.atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")

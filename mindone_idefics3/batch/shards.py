@@ -1,16 +1,15 @@
 """Data parallel runs under msrun, and the one output file they make.
 
-msrun starts N workers and tells each its rank (RANK_ID) and N (RANK_SIZE); run alone, a process is rank 0 of 1.
-Rank r runs the input rows with index % N == r and appends their records to its own part file,
-`<output>.parts/rank-<r>.jsonl`. No communication op is used (MindSpore's `communication.init()` alone takes
-~20 s per CPU worker here, and a collective would time out while ranks with more work are still running): rank 0,
-once its own rows are done, waits until the part files hold a record for every input row — that completeness is
-the barrier — then writes `<output>` in input order (atomically) and removes the parts. A row's record is final
-once written, so a rerun (with any N) reads `<output>` and every part file and runs only the rows without one.
+msrun starts N workers, each with its rank (distributed.World); run alone, a process is rank 0 of 1. Rank r runs
+the input rows with index % N == r and appends their records to its own part file, `<output>.parts/rank-<r>.jsonl`.
+No communication op is used (MindSpore's `communication.init()` alone is slow on CPU workers, and a collective
+would time out while ranks with more work are still running): rank 0, once its own rows are done, waits until
+the part files hold a record for every input row — that completeness is the barrier — then writes `<output>` in
+input order (atomically) and removes the parts. A row's record is final once written, so a rerun (with any N)
+reads `<output>` and every part file and runs only the rows without one.
 
-msrun also starts a scheduler process that runs the same script (MS_ROLE=MS_SCHED, with RANK_ID=0): it serves
-`communication.init()`, which we do not call, so it has nothing to do and exits at once; otherwise it would run
-rank 0's rows a second time.
+msrun's scheduler process (distributed.is_msrun_scheduler) serves `communication.init()`, which we do not call,
+so it has nothing to do and exits at once; otherwise it would run rank 0's rows a second time.
 
 msrun does not stop the other workers when one dies (checked with MindSpore 2.10), so rank 0 must not wait for a
 dead rank forever: each rank with rows to run leaves `rank-<r>.pid` (pid, parent pid, host) in the parts folder,
@@ -29,42 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ..errors import Idefics3Error
+from ..distributed import World
 from ..process import is_alive
 from .records import Record, read_records, write_atomically
 from .rows import InputRow, id_key
 
 WAIT_REPORT_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int
-    size: int
-
-    def owns(self, row: InputRow) -> bool:
-        return row.index % self.size == self.rank
-
-
-def is_msrun_scheduler() -> bool:
-    return os.environ.get("MS_ROLE") == "MS_SCHED"
-
-
-def current_world() -> World:
-    """This process's rank and the number of ranks: msrun's RANK_ID / RANK_SIZE, else rank 0 of 1."""
-    rank, size = os.environ.get("RANK_ID", "0"), os.environ.get("RANK_SIZE", "1")
-    if not (rank.isdigit() and size.isdigit()) or not int(rank) < int(size):
-        raise Idefics3Error(f"RANK_ID={rank!r} / RANK_SIZE={size!r} are not a rank and a rank count; launch with "
-                            "msrun (which sets them) or unset them")
-    return World(int(rank), int(size))
-
-
-def share_cpu_threads(world: World) -> None:
-    """Ranks on one CPU host split its cores instead of each taking all of them (unless MINDONE_CPU_THREADS
-    says otherwise)."""
-    if world.size > 1 and "MINDONE_CPU_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["MINDONE_CPU_THREADS"] = str(max(1, cores // world.size))
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from ..cli_options import run_command
 from ..errors import Idefics3Error
 from .anls import anls
 from .choice import choice_accuracy, extract_choice, options_of
@@ -95,14 +95,13 @@ def check_reference(ref: Reference, metric: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        predictions = read_by_id(Path(args.predictions), "predictions")
-        references = read_by_id(Path(args.references), "references")
-        result = evaluate(predictions, references, args.metric)
-    except Idefics3Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(run, build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    predictions = read_by_id(Path(args.predictions), "predictions")
+    references = read_by_id(Path(args.references), "references")
+    result = evaluate(predictions, references, args.metric)
     print(table(result))
     if result["ignored_predictions"]:
         print(f"({result['ignored_predictions']} predictions have no reference: ignored)")

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import peak_rss_mb, run_command
+from ..cli_options import processor_overrides, run_command
+from ..distributed import World, current_world, is_msrun_scheduler, share_cpu_threads
+from ..files import atomic_path, write_json_atomically
+from ..process import peak_rss_bytes
 
 EPILOG = """\
 data: JSONL, one example per line in TRL's conversational format:
@@ -102,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")
-    if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler: serve communication.init(), nothing else
+    if is_msrun_scheduler():  # serve communication.init(), nothing else
         from mindspore.communication import init
 
         init()
@@ -170,12 +173,7 @@ def run(args) -> int:
     world = init_world()
     device = select_device(args.device)
     model_dir = resolve_model_dir(args.model)
-    overrides = {}
-    if args.longest_edge:
-        overrides["size"] = {"longest_edge": args.longest_edge}
-    if args.no_image_splitting:
-        overrides["do_image_splitting"] = False
-    processor = Idefics3Processor.from_pretrained(model_dir, **overrides)
+    processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=args.dtype, device=device,
                                                              progress=not args.no_progress and world.rank == 0)
     lora = None
@@ -228,7 +226,7 @@ def run(args) -> int:
                 raise Idefics3Error(f"--resume with other options than the run in {out} ({', '.join(changed)}); "
                                     "resume with the same options, or --overwrite")
         else:
-            write_json(out / "run_settings.json", settings)
+            write_json_atomically(out / "run_settings.json", settings)
 
     if args.resume:
         trainer.load_checkpoint()
@@ -244,7 +242,7 @@ def run(args) -> int:
     plot_losses(out)
     if records:
         print(f"done: {trainer.step} steps, last loss {records[-1]['loss']:.4f}, {trainer.skipped} examples "
-              f"skipped, peak host memory {peak_rss_mb():.0f} MB → {out}", file=sys.stderr)
+              f"skipped, peak host memory {peak_rss_bytes() / 2**20:.0f} MB → {out}", file=sys.stderr)
     return 0
 
 
@@ -264,26 +262,16 @@ def run_settings(args, world) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "workers": world.size}
 
 
-def init_world():
+def init_world() -> World:
     """msrun's workers (RANK_SIZE > 1): MindSpore's communication, each rank a share of the CPU cores."""
-    from .trainer import World
-
-    size = int(os.environ.get("RANK_SIZE", "1") or 1)
-    if size <= 1:
-        return World()
-    if "MINDONE_CPU_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ["MINDONE_CPU_THREADS"] = str(max(1, cores // size))
+    world = current_world()
+    if world.size == 1:
+        return world
+    share_cpu_threads(world)
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
     return World(get_rank(), get_group_size())
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plot_losses(out: Path) -> None:
@@ -306,7 +294,6 @@ def plot_losses(out: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = out / ".loss.png.tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")

@@ -28,11 +28,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import Idefics3Error
+from ..model.loss import IGNORE_INDEX
 from ..processing.chat_template import normalize_conversation
 from ..processing.collate import collate
 from ..processing.prompt import image_block
 
-IGNORE_INDEX = -100
 REMOTE = ("http://", "https://", "data:")
 
 

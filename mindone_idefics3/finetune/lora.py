@@ -287,7 +287,7 @@ def read_adapter(directory) -> Tuple[dict, Dict[str, np.ndarray]]:
     """adapter_config.json and the tensors of a PEFT LoRA adapter directory, checked for what we support."""
     from safetensors.numpy import load_file
 
-    from ..json_file import read_json
+    from ..files import read_json
 
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,7 +32,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
+from ..distributed import World
 from ..errors import Idefics3Error
+from ..files import atomic_directory, write_text_atomically
 from .data import Labeler, TrainingData, collate_examples, scored_tokens
 from .optim import AdamW, clip_grad_norm, lr_factor
 
@@ -60,22 +61,6 @@ class TrainConfig:
     skip_long: bool = False
     eval_steps: Optional[int] = None
     save_steps: Optional[int] = None
-
-
-@dataclass
-class World:
-    """This process's place among the data-parallel workers (msrun's), and the AllReduce that adds their sums."""
-
-    rank: int = 0
-    size: int = 1
-    _all_reduce: Optional[Callable] = field(default=None, repr=False)
-
-    def all_reduce(self, tensors: List[Tensor]) -> List[Tensor]:
-        if self.size == 1:
-            return tensors
-        if self._all_reduce is None:
-            self._all_reduce = ops.AllReduce()
-        return [self._all_reduce(t) for t in tensors]
 
 
 def padding_rows(model, params: Sequence[Parameter]) -> Dict[int, int]:
@@ -252,19 +237,12 @@ class Trainer:
             return
         from safetensors.numpy import save_file
 
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({f"param.{i}": p.asnumpy() for i, p in enumerate(self.params)}, str(tmp / "trainable.safetensors"))
-        save_file(self.optimizer.state(), str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "skipped": self.skipped,
-                                                            "params": [list(p.shape) for p in self.params]}))
-        old = self.out / f".{CHECKPOINT}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if (self.out / CHECKPOINT).exists():
-            os.replace(self.out / CHECKPOINT, old)
-        os.replace(tmp, self.out / CHECKPOINT)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_directory(self.out / CHECKPOINT) as tmp:
+            save_file({f"param.{i}": p.asnumpy() for i, p in enumerate(self.params)},
+                      str(tmp / "trainable.safetensors"))
+            save_file(self.optimizer.state(), str(tmp / "optimizer.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "skipped": self.skipped,
+                                                                "params": [list(p.shape) for p in self.params]}))
         if self.on_save is not None:
             self.on_save()
 
@@ -288,6 +266,4 @@ class Trainer:
         if self.world.rank == 0 and log.is_file():  # drop lines logged after the checkpoint
             kept = [line for line in log.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
-            tmp = log.with_name(f".{TRAIN_LOG}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, log)
+            write_text_atomically(log, "".join(line + "\n" for line in kept))

@@ -10,11 +10,13 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import Idefics3Config
-from ..device import current_device, jit_cell, resolve_dtype, select_device
+from ..device import current_device, resolve_dtype, select_device
 from ..errors import Idefics3Error
+from ..files import read_json
 from ..generation import GenerationMixin
 from ..ops.attention import key_keep_or_none
 from ..ops.rope import position_ids_from_mask
+from ..runtime import jit_cell
 from .connector import Connector, check_patch_grid
 from .layers import Linear, linear
 from .loss import causal_lm_loss
@@ -166,7 +168,7 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
         # A tied checkpoint may still carry lm_head.weight; the embedding is what the model uses.
         load_weights(params, reader, ms_dtype, ignore=lambda n: model.tied and n == "lm_head.weight",
                      progress=progress)
-        model.generation_config = _read_json(model_dir / "generation_config.json")
+        model.generation_config = read_json(model_dir / "generation_config.json", missing_ok=True)
         model.model_dir = str(model_dir)
         if adapter is not None:  # a lazy delegate, like `generate`: finetune/ builds on the model
             from ..finetune.lora import load_adapter
@@ -292,15 +294,3 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
     @property
     def device(self) -> str:
         return current_device()
-
-
-def _read_json(path) -> dict:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Idefics3Error(f"{path} is not valid JSON ({e})") from None

@@ -20,13 +20,13 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextConfig
-from ..device import as_graph_inputs, idle_pipeline, jit_cell
 from ..generation import PREFILL_BUCKET
 from ..ops import attention as attention_ops, kernels
 from ..ops.attention import EagerAttention, make_attention
 from ..ops.kv_cache import KVCache, LayerCaches, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
+from ..runtime import as_graph_inputs, idle_pipeline, jit_cell
 from .layers import Embedding, Linear, linear
 
 KEPT_CACHE_SHAPES = 4  # cache shapes (with their compiled graphs) kept alive, the current one included
@@ -220,7 +220,7 @@ class LlamaModel(nn.Cell):
         if chunk == s:
             rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
             rope = ms.mutable(rope)  # tensors in a tuple input are graph constants (a recompile per value) else
-            with idle_pipeline():  # compiled calls only: see device.idle_pipeline
+            with idle_pipeline():  # compiled calls only: see runtime.idle_pipeline
                 for layer in self.layers:
                     h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s),
                                           *as_graph_inputs(layer.state()))

@@ -10,12 +10,12 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import VisionConfig
-from ..device import as_graph_inputs, idle_pipeline
 from ..errors import Idefics3Error
 from ..ops import kernels
 from ..ops.activations import gelu_tanh
 from ..ops.attention import make_attention, split_heads
 from ..ops.norms import LayerNorm, layer_norm, layer_norm_op
+from ..runtime import as_graph_inputs, idle_pipeline
 from .layers import Embedding, Linear, linear
 
 
@@ -188,7 +188,7 @@ class VisionTransformer(nn.Cell):
             for layer in self.encoder.layers:
                 x = run_layer(x, mask, *layer.weights())
         else:
-            with idle_pipeline():  # compiled calls only: see device.idle_pipeline
+            with idle_pipeline():  # compiled calls only: see runtime.idle_pipeline
                 for layer in self.encoder.layers:
                     x = run_layer(x, mask, *as_graph_inputs(layer.weights()))
         return self.post_layernorm(x)

@@ -18,7 +18,7 @@ from ..hub import PROCESSOR_FILES, resolve_model_dir
 from .image import Idefics3ImageProcessor, ImageProcessorConfig
 from .image_io import load_image
 from .prompt import ImageTokens, expand_prompt, group_images
-from ..json_file import read_json
+from ..files import read_json
 from .tokenizer import TextTokenizer
 
 DEFAULT_IMAGE_SEQ_LEN = 169  # transformers' default: Idefics3-8B (364 / 14 patches, scale factor 2)

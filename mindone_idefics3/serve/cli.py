@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import add_model_arguments
+from ..cli_options import add_model_arguments, run_command
+from ..errors import Idefics3Error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,28 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's own INFO/WARNING lines would drown the server's
-    from ..errors import Idefics3Error
+    return run_command(run, args)
 
+
+def run(args: argparse.Namespace) -> int:
     if not args.demo and not args.model:
-        print("error: pass --model DIR_OR_REPO (or --demo)", file=sys.stderr)
-        return 2
+        raise Idefics3Error("pass --model DIR_OR_REPO (or --demo)")
     for flag in ("max_batch_size", "max_queue", "max_images_per_request", "max_tokens_limit", "max_image_pixels",
                  "max_image_bytes", "max_request_bytes"):
         if getattr(args, flag) < 1:
-            print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
-            return 2
-    try:
-        with tempfile.TemporaryDirectory(prefix="idefics3-serve-demo-") as tmp:
-            if args.demo:
-                from ..demo import write_demo_checkpoint
+            raise Idefics3Error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    with tempfile.TemporaryDirectory(prefix="idefics3-serve-demo-") as tmp:
+        if args.demo:
+            from ..demo import write_demo_checkpoint
 
-                args.model = str(write_demo_checkpoint(Path(tmp) / "model"))
-                args.served_model_name = args.served_model_name or "idefics3-demo"
-                print("demo: tiny random-weight model — its answers are meaningless by construction", file=sys.stderr)
-            return serve(args)
-    except Idefics3Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            args.model = str(write_demo_checkpoint(Path(tmp) / "model"))
+            args.served_model_name = args.served_model_name or "idefics3-demo"
+            print("demo: tiny random-weight model — its answers are meaningless by construction", file=sys.stderr)
+        return serve(args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -95,9 +92,8 @@ def serve(args: argparse.Namespace) -> int:
 
         from .server import GracefulServer
     except ImportError as e:
-        print(f"error: the server needs FastAPI and uvicorn ({e}); install them with: pip install "
-              "'mindone_idefics3[serve]'", file=sys.stderr)
-        return 2
+        raise Idefics3Error(f"the server needs FastAPI and uvicorn ({e}); install them with: pip install "
+                            "'mindone_idefics3[serve]'") from None
     from ..hub import resolve_model_dir
     from .app import Settings, create_app
     from .engine import Engine
@@ -132,8 +128,7 @@ def serve(args: argparse.Namespace) -> int:
     threading.Thread(target=_announce, args=(server, engine, f"http://{url_host}:{port}", name), daemon=True).start()
     server.run(sockets=[sock])
     if engine.load_error is not None:
-        print(f"error: the model failed to load: {engine.load_error}", file=sys.stderr)
-        return 2
+        raise Idefics3Error(f"the model failed to load: {engine.load_error}")
     return 0
 
 
