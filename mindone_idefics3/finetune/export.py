@@ -9,7 +9,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..weights import FUSED
+from ..model.fused import fused_parts
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 SIDE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model")
@@ -17,29 +17,22 @@ SKIP = {"model.safetensors.index.json", "adapter_config.json", "train_log.jsonl"
 
 
 def hf_state_dict(model) -> Dict[str, np.ndarray]:
-    """transformers' names → fp32 arrays; qkv_proj / gate_up_proj split into their parts (sizes from the config)."""
-    tc, vc = model.config.text_config, model.config.vision_config
+    """transformers' names → fp32 arrays, each fused projection split into its parts (model/fused.py). Reads only
+    `model.config` and `model.parameters_and_names()`, so gradients under our names split the same way."""
     out = {}
     for name, param in model.parameters_and_names():
         if "adapter." in name or "kv_cache" in name:
             continue
         array = param.asnumpy().astype(np.float32)
-        for fused, parts in FUSED.items():
-            if name.endswith(fused):
-                prefix = name[: -len(fused)]
-                if fused.startswith("qkv"):
-                    if ".vision_model." in name:
-                        sizes = [vc.hidden_size] * 3
-                    else:
-                        q, kv = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
-                        sizes = [q, kv, kv]
-                else:
-                    sizes = [tc.intermediate_size] * 2
-                for part, piece in zip(parts, np.split(array, np.cumsum(sizes)[:-1], axis=0)):
-                    out[prefix + part] = np.ascontiguousarray(piece)
-                break
-        else:
+        module, _, kind = name.rpartition(".")  # kind: weight or bias
+        parts = fused_parts(model.config, module)
+        if parts is None:
             out[name] = array
+            continue
+        stem = module[: module.rfind(".") + 1]
+        pieces = np.split(array, np.cumsum([rows for _, rows in parts])[:-1], axis=0)
+        for (part, _), piece in zip(parts, pieces):
+            out[f"{stem}{part}.{kind}"] = np.ascontiguousarray(piece)
     return out
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..errors import Idefics3Error
-from ..model.layers import linear
+from ..model.layers import Linear, linear
 from .names import DEFAULT_TARGETS, TARGET_HELP, TEXT_NAMES, VISION_NAMES  # noqa: F401
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,38 +49,25 @@ class ModuleSlot:
         return self.name.rsplit(".", 1)[-1]
 
 
+GROUPS = (("model.vision_model.", "vision"), ("model.connector.", "connector"), ("model.text_model.", "text"),
+          ("lm_head", "lm_head"))  # module path prefix → group
+
+
 def module_slots(model) -> List[ModuleSlot]:
-    """Every linear module of transformers' Idefics3, in model order, mapped onto our (fused) Linears."""
-    cfg = model.config
-    tc, vc = cfg.text_config, cfg.vision_config
+    """Every linear module of transformers' Idefics3, in model order, mapped onto our Linears: a fused one holds a
+    slot per part (its `parts`, model/fused.py), a plain one a single slot under its own path."""
     slots: List[ModuleSlot] = []
-
-    def fused(prefix, cell, parts, group):
-        start = 0
-        for leaf, size in parts:
-            slots.append(ModuleSlot(f"{prefix}.{leaf}", cell, start, size, group))
-            start += size
-
-    for i, layer in enumerate(model.model.vision_model.encoder.layers):
-        p = f"model.vision_model.encoder.layers.{i}"
-        h = vc.hidden_size
-        fused(f"{p}.self_attn", layer.self_attn.qkv_proj, [("q_proj", h), ("k_proj", h), ("v_proj", h)], "vision")
-        fused(f"{p}.self_attn", layer.self_attn.out_proj, [("out_proj", h)], "vision")
-        fused(f"{p}.mlp", layer.mlp.fc1, [("fc1", vc.intermediate_size)], "vision")
-        fused(f"{p}.mlp", layer.mlp.fc2, [("fc2", h)], "vision")
-    fused("model.connector.modality_projection", model.model.connector.modality_projection.proj,
-          [("proj", tc.hidden_size)], "connector")
-    q, kv = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
-    for i, layer in enumerate(model.model.text_model.layers):
-        p = f"model.text_model.layers.{i}"
-        fused(f"{p}.self_attn", layer.self_attn.qkv_proj, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], "text")
-        fused(f"{p}.self_attn", layer.self_attn.o_proj, [("o_proj", tc.hidden_size)], "text")
-        fused(f"{p}.mlp", layer.mlp.gate_up_proj,
-              [("gate_proj", tc.intermediate_size), ("up_proj", tc.intermediate_size)], "text")
-        fused(f"{p}.mlp", layer.mlp.down_proj, [("down_proj", tc.hidden_size)], "text")
-    if not model.tied:
-        fused("", model.lm_head, [("lm_head", tc.vocab_size)], "lm_head")
-        slots[-1].name = "lm_head"
+    for path, cell in model.cells_and_names():
+        if not isinstance(cell, Linear):
+            continue
+        group = next(g for prefix, g in GROUPS if path.startswith(prefix))
+        if cell.parts is None:
+            slots.append(ModuleSlot(path, cell, 0, cell.weight.shape[0], group))
+            continue
+        stem, start = path[: path.rfind(".") + 1], 0
+        for part, rows in cell.parts:
+            slots.append(ModuleSlot(stem + part, cell, start, rows, group))
+            start += rows
     return slots
 
 
