@@ -18,7 +18,7 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     no reshape kernels around the matmul.
 
     weight may also be `(weight, adapter)` (`Linear.weight_arg` while an adapter is attached, e.g. LoRA in
-    finetune/lora.py): the adapter's output `adapter(x)` (..., out) is added, the frozen weight is used as is."""
+    model/lora.py): the adapter's output `adapter(x)` (..., out) is added, the frozen weight is used as is."""
     if isinstance(weight, tuple):
         base, adapter = weight
         return linear(x, base, bias) + adapter(x)
