@@ -2,7 +2,7 @@
 
 Weight naming lives here and nowhere else: our Cells keep transformers' parameter names except for the fused
 projections (`qkv_proj` = q_proj ‖ k_proj ‖ v_proj, `gate_up_proj` = gate_proj ‖ up_proj, concatenated on the
-output axis). A checkpoint may hold either form (the converter can store the fused one).
+output axis: `FUSED`). A checkpoint may hold either form (the converter can store the fused one).
 """
 from __future__ import annotations
 
@@ -29,13 +29,9 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 
 NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.bfloat16: np_dtype.bfloat16}
 
-# fused parameter suffix → the Hugging Face suffixes concatenated (output axis) to make it
-FUSED = {
-    "qkv_proj.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
-    "qkv_proj.bias": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),
-    "gate_up_proj.weight": ("gate_proj.weight", "up_proj.weight"),
-    "gate_up_proj.bias": ("gate_proj.bias", "up_proj.bias"),
-}
+# Our fused module → the Hugging Face modules concatenated (output axis, in this order) to make its weight and bias.
+# The checkpoint naming only: each part's size is the model's (model/fused.py builds the fused Linears from these).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -285,10 +281,11 @@ def source_names(param_name: str, available) -> Tuple[str, ...]:
     """The checkpoint tensors that make parameter `param_name`: itself, or the pieces of a fused projection."""
     if param_name in available:
         return (param_name,)
-    for fused, parts in FUSED.items():
-        if param_name.endswith(fused):
-            prefix = param_name[: -len(fused)]
-            return tuple(prefix + p for p in parts)
+    module, _, kind = param_name.rpartition(".")  # kind: weight or bias
+    leaf = module.rpartition(".")[2]
+    if leaf in FUSED:
+        stem = module[: len(module) - len(leaf)]
+        return tuple(f"{stem}{part}.{kind}" for part in FUSED[leaf])
     return (param_name,)
 
 

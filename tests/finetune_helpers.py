@@ -34,9 +34,10 @@ def peft_model_like(ckpt, model, lora):
     from transformers import Idefics3ForConditionalGeneration as HFModel
 
     from mindone_idefics3.finetune import lora as L
+    from mindone_idefics3.model.lora import module_slots
 
     hf = HFModel.from_pretrained(str(ckpt.path), attn_implementation="eager")
-    names = [s.name for s in L.module_slots(model)]
+    names = [s.name for s in module_slots(model)]
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
                         target_modules=L.target_regex(list(lora.parts), names))
     peft_model = get_peft_model(hf, config)

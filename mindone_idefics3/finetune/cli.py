@@ -234,10 +234,10 @@ def run(args) -> int:
     if world.rank != 0:
         return 0
     if lora is not None and args.merge:
+        from ..model.lora import merge
         from .export import write_hf_checkpoint
-        from .lora import merge
 
-        merge(model, lora)
+        merge(model)
         write_hf_checkpoint(model, model_dir, out / "merged")
     plot_losses(out)
     if records:

@@ -2,14 +2,14 @@
 with the base checkpoint's config, generation, processor, tokenizer and chat-template files beside it."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 
-from ..weights import FUSED
+from ..files import atomic_directory, atomic_path
+from ..model.fused import fused_parts
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 SIDE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model")
@@ -17,29 +17,22 @@ SKIP = {"model.safetensors.index.json", "adapter_config.json", "train_log.jsonl"
 
 
 def hf_state_dict(model) -> Dict[str, np.ndarray]:
-    """transformers' names → fp32 arrays; qkv_proj / gate_up_proj split into their parts (sizes from the config)."""
-    tc, vc = model.config.text_config, model.config.vision_config
+    """transformers' names → fp32 arrays, each fused projection split into its parts (model/fused.py). Reads only
+    `model.config` and `model.parameters_and_names()`, so gradients under our names split the same way."""
     out = {}
     for name, param in model.parameters_and_names():
         if "adapter." in name or "kv_cache" in name:
             continue
         array = param.asnumpy().astype(np.float32)
-        for fused, parts in FUSED.items():
-            if name.endswith(fused):
-                prefix = name[: -len(fused)]
-                if fused.startswith("qkv"):
-                    if ".vision_model." in name:
-                        sizes = [vc.hidden_size] * 3
-                    else:
-                        q, kv = tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
-                        sizes = [q, kv, kv]
-                else:
-                    sizes = [tc.intermediate_size] * 2
-                for part, piece in zip(parts, np.split(array, np.cumsum(sizes)[:-1], axis=0)):
-                    out[prefix + part] = np.ascontiguousarray(piece)
-                break
-        else:
+        module, _, kind = name.rpartition(".")  # kind: weight or bias
+        parts = fused_parts(model.config, module)
+        if parts is None:
             out[name] = array
+            continue
+        stem = module[: module.rfind(".") + 1]
+        pieces = np.split(array, np.cumsum([rows for _, rows in parts])[:-1], axis=0)
+        for (part, _), piece in zip(parts, pieces):
+            out[f"{stem}{part}.{kind}"] = np.ascontiguousarray(piece)
     return out
 
 
@@ -48,35 +41,23 @@ def write_hf_checkpoint(model, source_dir, dest) -> None:
     renamed over it, so dest is whole or absent."""
     from safetensors.numpy import save_file
 
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    copy_side_files(source_dir, tmp)
-    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(dest) as tmp:
+        copy_side_files(source_dir, tmp)
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
 
 def write_hf_files_into(model, source_dir, dest) -> None:
-    """The same files written into an existing folder (OUT of `--full`), each to a temp file and renamed."""
+    """The same files written into an existing folder (OUT of `--full`), each atomically."""
     from safetensors.numpy import save_file
 
-    dest = Path(dest)
     copy_side_files(source_dir, dest)
-    tmp = dest / ".model.safetensors.tmp"
-    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dest / "model.safetensors")
+    with atomic_path(Path(dest) / "model.safetensors") as tmp:
+        save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
 
 
 def copy_side_files(source_dir, dest) -> None:
     for pattern in SIDE_PATTERNS:
         for f in sorted(Path(source_dir).glob(pattern)):
             if f.name not in SKIP and f.is_file():
-                tmp = Path(dest) / f".{f.name}.tmp"
-                shutil.copyfile(f, tmp)
-                os.replace(tmp, Path(dest) / f.name)
+                with atomic_path(Path(dest) / f.name) as tmp:
+                    shutil.copyfile(f, tmp)

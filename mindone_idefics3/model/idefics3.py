@@ -21,6 +21,7 @@ from .connector import Connector, check_patch_grid
 from .layers import Linear, linear
 from .loss import causal_lm_loss
 from .llama import LlamaModel
+from .peft_adapter import load_adapter
 from .vision import VisionTransformer, patch_layout
 
 ArrayLike = Union[np.ndarray, Tensor, list]
@@ -170,9 +171,7 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
                      progress=progress)
         model.generation_config = read_json(model_dir / "generation_config.json", missing_ok=True)
         model.model_dir = str(model_dir)
-        if adapter is not None:  # a lazy delegate, like `generate`: finetune/ builds on the model
-            from ..finetune.lora import load_adapter
-
+        if adapter is not None:
             load_adapter(model, adapter, merge_now=True)
         model.set_train(False)
         return model

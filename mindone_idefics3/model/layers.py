@@ -1,12 +1,14 @@
 """Small building blocks shared by the vision tower and the decoder, with Hugging Face parameter names."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
+# The modules a fused Linear concatenates on its output axis, in order: (transformers' module name, output rows).
+Parts = Tuple[Tuple[str, int], ...]
 
 _matmul_t = ops.MatMul(transpose_b=True)
 
@@ -16,7 +18,7 @@ def linear(x: Tensor, weight, bias: Optional[Tensor] = None) -> Tensor:
     no reshape kernels around the matmul.
 
     weight may also be `(weight, adapter)` (`Linear.weight_arg` while an adapter is attached, e.g. LoRA in
-    finetune/lora.py): the adapter's output `adapter(x)` (..., out) is added, the frozen weight is used as is."""
+    model/lora.py): the adapter's output `adapter(x)` (..., out) is added, the frozen weight is used as is."""
     if isinstance(weight, tuple):
         base, adapter = weight
         return linear(x, base, bias) + adapter(x)
@@ -34,6 +36,7 @@ class Linear(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("zeros", (out_features, in_features), dtype))
         self.bias = Parameter(initializer("zeros", (out_features,), dtype)) if bias else None
+        self.parts: Optional[Parts] = None  # a FusedLinear's; a plain Linear is one module, under its own name
         self.adapter: Optional[nn.Cell] = None  # a trainable delta (LoRA) while fine-tuning; see `weight_arg`
 
     def weight_arg(self):
@@ -43,6 +46,15 @@ class Linear(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return linear(x, self.weight_arg(), self.bias)
+
+
+class FusedLinear(Linear):
+    """Several of transformers' linear modules in one matmul: their weights (and biases) concatenated on the output
+    axis in the order of `parts` (model/fused.py declares them), so rows [start, start + rows) are one module's."""
+
+    def __init__(self, in_features: int, parts: Parts, bias: bool, dtype=ms.float32):
+        super().__init__(in_features, sum(rows for _, rows in parts), bias, dtype)
+        self.parts = parts
 
 
 class Embedding(nn.Cell):

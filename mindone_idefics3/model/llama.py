@@ -1,8 +1,9 @@
 """Llama 3 decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, optional static KV cache.
 
-q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`); the loader builds the
-fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels. Attention goes through
-the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where ops/kernels.py says so.
+q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`, laid out by fused.py);
+the loader builds the fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels.
+Attention goes through the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where
+ops/kernels.py says so.
 
 Kernel launches are what a decode step costs beyond reading the weights (host launch time, on the CPU and on
 Ascend), so the layers are written to launch few: the residual stream stays 2-D (tokens,
@@ -27,7 +28,8 @@ from ..ops.kv_cache import KVCache, LayerCaches, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from ..runtime import as_graph_inputs, idle_pipeline, jit_cell
-from .layers import Embedding, Linear, linear
+from .fused import text_fused
+from .layers import Embedding, FusedLinear, Linear, linear
 
 KEPT_CACHE_SHAPES = 4  # cache shapes (with their compiled graphs) kept alive, the current one included
 
@@ -89,8 +91,8 @@ class LlamaAttention(nn.Cell):
 
     def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
-        qkv_out = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, dtype=dtype)
+        self.qkv_proj = FusedLinear(cfg.hidden_size, text_fused(cfg)["qkv_proj"], bias=cfg.attention_bias,
+                                    dtype=dtype)
         self.o_proj = Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias,
                              dtype=dtype)
         self.kv_cache: Optional[KVCache] = None
@@ -99,7 +101,8 @@ class LlamaAttention(nn.Cell):
 class LlamaMLP(nn.Cell):
     def __init__(self, cfg: TextConfig, dtype):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype)
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, text_fused(cfg)["gate_up_proj"], bias=cfg.mlp_bias,
+                                        dtype=dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, dtype=dtype)
 
 

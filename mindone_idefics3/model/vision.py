@@ -16,7 +16,8 @@ from ..ops.activations import gelu_tanh
 from ..ops.attention import make_attention, split_heads
 from ..ops.norms import LayerNorm, layer_norm, layer_norm_op
 from ..runtime import as_graph_inputs, idle_pipeline
-from .layers import Embedding, Linear, linear
+from .fused import vision_fused
+from .layers import Embedding, FusedLinear, Linear, linear
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,7 +128,7 @@ class VisionAttention(nn.Cell):
 
     def __init__(self, cfg: VisionConfig, dtype):
         super().__init__()
-        self.qkv_proj = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, dtype=dtype)
+        self.qkv_proj = FusedLinear(cfg.hidden_size, vision_fused(cfg)["qkv_proj"], bias=True, dtype=dtype)
         self.out_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype)
 
 
