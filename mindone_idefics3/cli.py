@@ -9,7 +9,7 @@ import tempfile
 import time
 from typing import List, Optional
 
-from .cli_options import (add_model_arguments, add_sampling_arguments, check_max_new_tokens, dtype_label,
+from .cli_options import (add_model_arguments, add_sampling_arguments, check_max_new_tokens,
                           generation_options, load_processor_and_model, run_command)
 from .process import peak_rss_bytes
 
@@ -49,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("GLOG_v", "3")  # MindSpore's own INFO/WARNING lines would drown the answer
     return run_command(run, args)
 
 
@@ -101,7 +100,7 @@ def _answer(args: argparse.Namespace) -> int:
         if not (args.no_stream or args.json):
             print(piece, end="", flush=True)
     answer = "".join(pieces)
-    report = dict(model=args.model, device=device, dtype=dtype_label(args, device),
+    report = dict(model=args.model, device=device, dtype=dtype_name(model.dtype),
                   prompt_tokens=stats.prompt_tokens, new_tokens=stats.new_tokens,
                   import_seconds=round(import_seconds, 3), processor_seconds=round(processor_seconds, 3),
                   load_seconds=round(load_seconds, 3),

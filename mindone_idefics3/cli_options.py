@@ -3,6 +3,7 @@ and a model on the chosen device, the options of `generate`). No MindSpore at im
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
@@ -61,9 +62,9 @@ def generation_options(args: argparse.Namespace) -> Dict[str, Any]:
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def load_processor_and_model(args: argparse.Namespace) -> Tuple[Any, Any, str, float]:
-    """(processor, model, device, seconds the model took to load) for --model/--dtype/--device and the image
-    flags."""
+def load_processor_and_model(args: argparse.Namespace, progress: bool = True) -> Tuple[Any, Any, str, float]:
+    """(processor, model, device, seconds the model took to load) for --model/--dtype/--device, the image flags and
+    --adapter (where the command has it)."""
     import time
 
     from . import Idefics3ForConditionalGeneration, Idefics3Processor
@@ -76,7 +77,7 @@ def load_processor_and_model(args: argparse.Namespace) -> Tuple[Any, Any, str, f
     processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
     t_load = time.perf_counter()
     model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device,
-                                                             adapter=args.adapter)
+                                                             adapter=getattr(args, "adapter", None), progress=progress)
     return processor, model, device, time.perf_counter() - t_load
 
 
@@ -90,16 +91,15 @@ def processor_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return overrides
 
 
-def dtype_label(args: argparse.Namespace, device: str) -> str:
-    return args.dtype or ("bf16" if device == "Ascend" else "fp32")
-
-
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 errors: Optional[Dict[Type[Exception], int]] = None, interrupted: str = "interrupted") -> int:
     """A command's body under the package's CLI contract: an Idefics3Error is one `error: ...` line on stderr and
-    exit code 2, Ctrl-C one `interrupted` line and 130. `errors`: more exception types reported the same way, with
-    their own exit codes; `interrupted`: the Ctrl-C line of a command that has more to say."""
+    exit code 2, Ctrl-C one `interrupted` line and 130; MindSpore's own INFO/WARNING lines stay off (they would
+    drown the command's output). `errors`: more exception types reported the same way, with their own exit codes;
+    `interrupted`: the Ctrl-C line of a command that has more to say."""
     from .errors import Idefics3Error
+
+    os.environ.setdefault("GLOG_v", "3")
 
     codes = {Idefics3Error: 2, **(errors or {})}
     try:

@@ -46,28 +46,15 @@ def build_tokenizer(vocab_size: int = 420):
 
 def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
     """Write config, random safetensors weights (transformers' names), tokenizer, processor and chat template."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    ids = special_token_ids(tok)
-    vocab = tok.get_vocab_size()
     vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=64,
                   patch_size=8, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
                   model_type="idefics3_vision")
-    text = dict(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
                 rope_theta=500000.0, tie_word_embeddings=False, hidden_act="silu", attention_bias=False,
-                mlp_bias=False, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"],
-                pad_token_id=ids["<|finetune_right_pad_id|>"],
-                rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=256))
-    scale = 2
-    write_random_checkpoint(path, vision, text, scale, ids["<image>"], seed=seed,
-                            eos_token_ids=[text["eos_token_id"], ids["<end_of_utterance>"]])
-    write_processor_files(path, tok, tile=vision["image_size"], longest_edge=2 * vision["image_size"],
-                          image_seq_len=(vision["image_size"] // vision["patch_size"] // scale) ** 2,
-                          max_length=text["max_position_embeddings"])
-    return path
+                mlp_bias=False, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                  high_freq_factor=4.0, original_max_position_embeddings=256))
+    return write_random_model(path, vision, text, 2, longest_edge=2 * vision["image_size"], seed=seed)
 
 
 def special_token_ids(tok) -> Dict[str, int]:
@@ -77,8 +64,8 @@ def special_token_ids(tok) -> Dict[str, int]:
 
 def write_random_model(path: Union[str, Path], vision: dict, text: dict, scale: int, *, longest_edge: int,
                        dtype=np.float32, seed: int = 0) -> Path:
-    """A random-weight checkpoint that both processors (ours and transformers') and both generates can run on, for
-    benchmarks: config and weights whose special token ids are `build_tokenizer`'s (bos, eos, pad, `<image>`;
+    """A random-weight checkpoint that both processors (ours and transformers') and both generates can run on (the
+    demo's, the benchmarks' presets): config and weights whose special token ids are `build_tokenizer`'s (bos, eos, pad, `<image>`;
     generation stops on eos and `<end_of_utterance>`), then the processor files of `write_processor_files` with
     left padding and input_ids/attention_mask only (transformers' tokenizer pads right and returns token_type_ids
     by default, which Idefics3's generate refuses). `text` without vocab_size gets the tokenizer's."""

@@ -4,12 +4,10 @@ Reads like gpt-fast: `setup_caches` → `prefill` → a plain loop over `decode_
 sampled ids. Greedy decoding takes the argmax inside the compiled step; sampling (temperature / top-k / top-p /
 repetition penalty) reads the step's fp32 logits back and samples on the host with a seeded numpy generator.
 
-Everything about decoding lives here: the compiled steps (kept with the caches they were compiled against), cache
-and prompt bucketing, stop ids, per-row sampling options (`SamplingParams`) and the loop that yields each step's
-tokens and the rows that finished at it (`generate_steps`), which the command line, batch inference and the server
-all use. The model class takes `generate` from `GenerationMixin` (as transformers' models do); this module never
-imports the model: it uses the model object it is handed (`model.embed_prompt`, `model.logits`,
-`model.model.text_model`'s caches, prefill and forward, `config`, `generation_config`, `model_dir`).
+Decoding lives here whole: compiled steps, cache and prompt buckets, stop ids, per-row `SamplingParams`, and
+`generate_steps`, the loop of the command line, batch inference and the server. The model class inherits
+`generate` from `GenerationMixin` (as transformers' models do), so this module never imports the model: it uses
+the one it is handed (`embed_prompt`, `logits`, `model.text_model`'s caches and forward, its configs).
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 Weight naming lives here and nowhere else: our Cells keep transformers' parameter names except for the fused
 projections (`qkv_proj` = q_proj ‖ k_proj ‖ v_proj, `gate_up_proj` = gate_proj ‖ up_proj, concatenated on the
-output axis: `FUSED`). A checkpoint may hold either form (the converter can store the fused one).
+output axis: `FUSED`, with each part's rows from the config: `text_fused`, `vision_fused`). The towers build their
+FusedLinears from it, LoRA places PEFT's modules on their rows, the fine-tuning export splits them back. A
+checkpoint may hold either form (the converter can store the fused one).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from mindspore import Tensor
 from mindspore.common import np_dtype
 from safetensors import SafetensorError, safe_open
 
+from .config import Idefics3Config, TextConfig, VisionConfig
 from .errors import Idefics3Error
 from .files import read_json
 
@@ -30,8 +33,32 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 NP_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.bfloat16: np_dtype.bfloat16}
 
 # Our fused module → the Hugging Face modules concatenated (output axis, in this order) to make its weight and bias.
-# The checkpoint naming only: each part's size is the model's (model/fused.py builds the fused Linears from these).
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+Parts = Tuple[Tuple[str, int], ...]  # the modules a fused Linear holds, in order: (transformers' name, output rows)
+
+
+def text_fused(cfg: TextConfig) -> Dict[str, Parts]:
+    """A decoder layer's fused Linears → their parts: q (heads · head_dim) ‖ k ‖ v (kv heads · head_dim each),
+    gate ‖ up (intermediate each)."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"qkv_proj": tuple(zip(FUSED["qkv_proj"], (q, kv, kv))),
+            "gate_up_proj": tuple(zip(FUSED["gate_up_proj"], (cfg.intermediate_size,) * 2))}
+
+
+def vision_fused(cfg: VisionConfig) -> Dict[str, Parts]:
+    """A SigLIP layer's fused Linears → their parts: q ‖ k ‖ v (hidden each)."""
+    return {"qkv_proj": tuple(zip(FUSED["qkv_proj"], (cfg.hidden_size,) * 3))}
+
+
+def fused_parts(config: Idefics3Config, module: str) -> Optional[Parts]:
+    """The parts of the Linear at `module`, a path in Idefics3ForConditionalGeneration (e.g.
+    "model.text_model.layers.0.self_attn.qkv_proj"); None when that module is not fused."""
+    leaf = module.rpartition(".")[2]
+    if module.startswith("model.vision_model."):
+        return vision_fused(config.vision_config).get(leaf)
+    if module.startswith("model.text_model."):
+        return text_fused(config.text_config).get(leaf)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -10,8 +10,7 @@ from batch_workspace import make_workspace, write_jsonl
 from mindone_idefics3.batch.prepare import PreparedRow
 from mindone_idefics3.batch.records import RecordWriter, read_records, write_atomically
 from mindone_idefics3.batch.rows import InputRow, read_rows
-from mindone_idefics3.batch.runner import answer_record
-from mindone_idefics3.batch.schedule import length_batches, windows
+from mindone_idefics3.batch.runner import answer_record, length_batches, windows
 from mindone_idefics3.batch.shards import OutputFiles
 from mindone_idefics3.distributed import World, current_world, share_cpu_threads
 from mindone_idefics3.errors import Idefics3Error

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -56,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING lines would drown the progress bar
     from .shards import RankDied
 
     return run_command(run, args, errors={RankDied: 1},
@@ -116,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def run_rows(rows: Sequence, args: argparse.Namespace, part: Path, progress) -> None:
     """Load the model, run `rows` (this rank's rows without a record), append their records to `part`."""
     from ..cli_options import generation_options, load_processor_and_model
-    from .loop import answer_rows
+    from .runner import answer_rows
     from .records import RecordWriter
 
     processor, model, _, _ = load_processor_and_model(args)

@@ -1,26 +1,55 @@
-"""A batch of prepared rows through the shared batch loop (`mindone_idefics3.runner`), back to one output record
-per row. (Sampled answers depend on the batch: the rows draw from one generator seeded by --seed, as `generate`
-does for a batch.)"""
+"""The batch loop: rows → prepared one by one → sorted by prompt length within a window → generated in batches
+(the loop the server shares, `mindone_idefics3.runner`) → one record per row.
+
+A window bounds what is prepared ahead (each prepared row holds its pixel tensors) and keeps the output roughly in
+input order; sorting inside it gives a batch prompts of similar lengths, so left padding wastes little compute.
+Sampled answers depend on the batch: its rows draw from one generator seeded by --seed, as `generate` does.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from .. import runner
 from ..errors import Idefics3Error
 from ..generation import sampling_params
-from .prepare import PreparedRow
+from .prepare import PreparedRow, prepare
 from .records import Record
-from .rows import row_error
+from .rows import InputRow, row_error
+
+T = TypeVar("T")
+
+
+def answer_rows(rows: Sequence[InputRow], processor, model, options: Dict[str, Any], batch_size: int, window: int,
+                write: Callable[[List[Record]], None]) -> None:
+    """Hand `write` the records of `rows`: the error records of a window's broken rows, then each batch's records
+    as soon as it is generated. options: `generate`'s keyword arguments (max_new_tokens, sampling)."""
+    context = model.config.text_config.max_position_embeddings
+    for part in windows(rows, window):
+        prepared = [prepare(row, processor, options["max_new_tokens"], context) for row in part]
+        write([p for p in prepared if not isinstance(p, PreparedRow)])
+        for batch in length_batches([p for p in prepared if isinstance(p, PreparedRow)], batch_size):
+            write(run_batch(model, processor, batch, options))
+
+
+def windows(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def length_batches(prepared: Sequence[PreparedRow], batch_size: int) -> List[List[PreparedRow]]:
+    """Batches of at most batch_size rows, longest prompts first (a batch that does not fit in memory fails at
+    once, not after the short ones ran); ties keep input order."""
+    ordered = sorted(prepared, key=lambda p: (-p.prompt_tokens, p.row.index))
+    return [list(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
 
 
 class _Answer:
     """One row of a batch: its tokens as they come, then its record."""
 
     def __init__(self, prepared: PreparedRow, processor):
-        self.prepared, self.processor = prepared, processor
-        self.inputs = prepared.inputs
+        self.prepared, self.processor, self.inputs = prepared, processor, prepared.inputs
         self.tokens: List[int] = []
         self.record: Optional[Record] = None
 
@@ -39,7 +68,7 @@ class _Answer:
 
 def run_batch(model, processor, batch: Sequence[PreparedRow], options: Dict[str, Any]) -> List[Record]:
     """Records for the rows of `batch`. A batch that generation refuses is retried row by row, so only the row at
-    fault gets an error record. options: `generate`'s keyword options (max_new_tokens, sampling)."""
+    fault gets an error record."""
     answers = [_Answer(prepared, processor) for prepared in batch]
     params = sampling_params(len(batch), **{**model.generation_defaults(), **options})
     runner.run_batch(model, answers, processor.tokenizer.pad_token_id, sampling=params, recoverable=(Idefics3Error,))

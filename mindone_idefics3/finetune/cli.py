@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import processor_overrides, run_command
+from ..cli_options import load_processor_and_model, run_command
 from ..distributed import World, current_world, is_msrun_scheduler, share_cpu_threads
-from ..files import atomic_path, write_json_atomically
+from ..files import atomic_path, read_json, write_json_atomically
 from ..process import peak_rss_bytes
 
 EPILOG = """\
@@ -165,17 +165,11 @@ def run(args) -> int:
     if args.eval_steps and eval_data is None:
         raise Idefics3Error("--eval-steps needs --eval-data")
 
-    from .. import Idefics3ForConditionalGeneration, Idefics3Processor
-    from ..device import select_device
-    from ..hub import resolve_model_dir
     from .trainer import TrainConfig, Trainer
 
     world = init_world()
-    device = select_device(args.device)
-    model_dir = resolve_model_dir(args.model)
-    processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
-    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir, dtype=args.dtype, device=device,
-                                                             progress=not args.no_progress and world.rank == 0)
+    processor, model, _, _ = load_processor_and_model(args, progress=not args.no_progress and world.rank == 0)
+    model_dir = Path(model.model_dir)
     lora = None
     for p in model.get_parameters():
         p.requires_grad = False
@@ -201,6 +195,7 @@ def run(args) -> int:
         save_steps=args.save_steps)
 
     out = Path(args.output)
+
     def on_save():
         if lora is not None:
             from .lora import save_adapter
@@ -219,9 +214,8 @@ def run(args) -> int:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if args.resume:
-            saved = json.loads((out / "run_settings.json").read_text()) if (out / "run_settings.json").is_file() \
-                else None
-            if saved is not None and saved != settings:
+            saved = read_json(out / "run_settings.json", missing_ok=True)
+            if saved and saved != settings:
                 changed = sorted(k for k in settings if saved.get(k) != settings[k])
                 raise Idefics3Error(f"--resume with other options than the run in {out} ({', '.join(changed)}); "
                                     "resume with the same options, or --overwrite")

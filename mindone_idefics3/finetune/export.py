@@ -9,7 +9,7 @@ from typing import Dict
 import numpy as np
 
 from ..files import atomic_directory, atomic_path
-from ..model.fused import fused_parts
+from ..weights import fused_parts
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 SIDE_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model")
@@ -17,7 +17,7 @@ SKIP = {"model.safetensors.index.json", "adapter_config.json", "train_log.jsonl"
 
 
 def hf_state_dict(model) -> Dict[str, np.ndarray]:
-    """transformers' names → fp32 arrays, each fused projection split into its parts (model/fused.py). Reads only
+    """transformers' names → fp32 arrays, each fused projection split into its parts (weights.py). Reads only
     `model.config` and `model.parameters_and_names()`, so gradients under our names split the same way."""
     out = {}
     for name, param in model.parameters_and_names():

@@ -10,9 +10,9 @@ micro batches gives the same update (up to float summation order).
 Gradients come from `mindspore.value_and_grad` over the model's PyNative forward (`model(..., labels=...)`): the
 forward prepares its inputs on the host (image tiles, masks, positions) and its shapes change with every batch,
 so the whole step cannot be one compiled graph. Compiling the decoder layer alone (`jit_cell(layer_math)`, the
-prefill's graph, with the weights as inputs) ran a tiny model's step 2.4× faster on the CPU, but MindSpore 2.10
-returned the layer weights' gradients shifted by the graph's None inputs (the absent KV cache and biases): wrong
-gradients, so it is not used. AdamW's update is MindSpore's own compiled graph.
+prefill's graph, with the weights as inputs) made the step faster, but MindSpore 2.10 returned the layer
+weights' gradients shifted by the graph's None inputs (the absent KV cache and biases): wrong gradients, so it is
+not used. AdamW's update is MindSpore's own compiled graph.
 
 Checkpoints (`OUT/checkpoint/`): the trainable weights, AdamW's moments and step, and the trainer state (step,
 examples skipped) — written to a temporary folder and renamed, so a checkpoint is whole or absent. `resume`

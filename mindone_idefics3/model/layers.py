@@ -1,14 +1,13 @@
 """Small building blocks shared by the vision tower and the decoder, with Hugging Face parameter names."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-# The modules a fused Linear concatenates on its output axis, in order: (transformers' module name, output rows).
-Parts = Tuple[Tuple[str, int], ...]
+from ..weights import Parts
 
 _matmul_t = ops.MatMul(transpose_b=True)
 
@@ -50,7 +49,7 @@ class Linear(nn.Cell):
 
 class FusedLinear(Linear):
     """Several of transformers' linear modules in one matmul: their weights (and biases) concatenated on the output
-    axis in the order of `parts` (model/fused.py declares them), so rows [start, start + rows) are one module's."""
+    axis in the order of `parts` (weights.py declares them), so rows [start, start + rows) are one module's."""
 
     def __init__(self, in_features: int, parts: Parts, bias: bool, dtype=ms.float32):
         super().__init__(in_features, sum(rows for _, rows in parts), bias, dtype)

@@ -1,9 +1,9 @@
 """Llama 3 decoder: RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, optional static KV cache.
 
-q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`, laid out by fused.py);
-the loader builds the fused weights from the Hugging Face ones (weights.py), so each layer launches fewer kernels.
-Attention goes through the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where
-ops/kernels.py says so.
+q/k/v and gate/up projections are fused into one matmul each (`qkv_proj`, `gate_up_proj`, laid out by weights.py,
+whose loader builds them from the Hugging Face weights), so each layer launches fewer kernels. Attention goes
+through the seam (ops/attention.py); RMSNorm, RoPE and SwiGLU use Ascend's fused kernels where ops/kernels.py says
+so.
 
 Kernel launches are what a decode step costs beyond reading the weights (host launch time, on the CPU and on
 Ascend), so the layers are written to launch few: the residual stream stays 2-D (tokens,
@@ -28,7 +28,7 @@ from ..ops.kv_cache import KVCache, LayerCaches, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from ..runtime import as_graph_inputs, idle_pipeline, jit_cell
-from .fused import text_fused
+from ..weights import text_fused
 from .layers import Embedding, FusedLinear, Linear, linear
 
 KEPT_CACHE_SHAPES = 4  # cache shapes (with their compiled graphs) kept alive, the current one included

@@ -2,7 +2,7 @@
 
 PEFT wraps each targeted `nn.Linear` of transformers' model: `base(x) + lora_B(lora_A(dropout(x))) · scaling`,
 scaling = alpha / r (alpha / √r with rsLoRA). One of our Linears may stand for several of PEFT's modules (a
-`FusedLinear`'s parts, model/fused.py), so its `LoraLayer` holds one (lora_A, lora_B) pair per targeted part and
+`FusedLinear`'s parts, weights.py), so its `LoraLayer` holds one (lora_A, lora_B) pair per targeted part and
 adds each part's delta to that part's rows of the output (zeros for the parts not targeted). The layer hangs on
 `Linear.adapter` (the layer math then calls it, see layers.py); the frozen base weight is never written while it is
 attached, and `merge` folds it in for inference.

@@ -16,7 +16,7 @@ from ..ops.activations import gelu_tanh
 from ..ops.attention import make_attention, split_heads
 from ..ops.norms import LayerNorm, layer_norm, layer_norm_op
 from ..runtime import as_graph_inputs, idle_pipeline
-from .fused import vision_fused
+from ..weights import vision_fused
 from .layers import Embedding, FusedLinear, Linear, linear
 
 

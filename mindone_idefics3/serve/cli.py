@@ -65,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("GLOG_v", "3")  # MindSpore's own INFO/WARNING lines would drown the server's
     return run_command(run, args)
 
 

@@ -2,13 +2,10 @@
 
 Scheduling (static batching with independent rows): when the worker is free it takes up to `max_batch_size`
 waiting requests (waiting a moment for requests still being prepared, so clients that arrive together share a
-batch) and runs them as one left-padded batch through `generate_steps`. Rows stop independently — at a stop token
-(eos, `<end_of_utterance>`), a `stop` string, their own `max_tokens`, or when their client went away — and stop
-being streamed at once; the batch ends when its last row has stopped, and the next batch starts right away.
-Requests that arrive while a batch runs wait for it to end (no joining a running batch: continuous batching over
-the static cache would need per-row prefill into a running cache). Greedy rows give the same tokens in any batch as
-alone (left padding is masked, positions count from each row's first token); sampled rows draw from their own
-seeded generator, so a seed gives the same answer in any batch.
+batch) and runs them through the shared batch loop (`mindone_idefics3.runner`). Rows stop independently — at a stop
+token, a `stop` string, their own `max_tokens`, or when their client went away — and stop being streamed at once;
+the next batch starts when the last row stopped. Requests that arrive while a batch runs wait for it to end.
+Sampled rows draw from their own seeded generator, so a seed gives the same answer in any batch.
 
 The HTTP layer talks to the engine through `submit` (a thread-safe queue of jobs) and each job's asyncio queue of
 events (`Delta`, `Finished`, `Failed`), which the worker fills with `loop.call_soon_threadsafe`.
