@@ -65,8 +65,8 @@ def special_token_ids(tok) -> Dict[str, int]:
 def write_random_model(path: Union[str, Path], vision: dict, text: dict, scale: int, *, longest_edge: int,
                        dtype=np.float32, seed: int = 0) -> Path:
     """A random-weight checkpoint that both processors (ours and transformers') and both generates can run on (the
-    demo's, the benchmarks' presets): config and weights whose special token ids are `build_tokenizer`'s (bos, eos, pad, `<image>`;
-    generation stops on eos and `<end_of_utterance>`), then the processor files of `write_processor_files` with
+    demo's, the benchmarks' presets): config and weights whose special token ids are `build_tokenizer`'s (bos, eos,
+    pad, `<image>`; generation stops on eos and `<end_of_utterance>`), then the processor files of `write_processor_files` with
     left padding and input_ids/attention_mask only (transformers' tokenizer pads right and returns token_type_ids
     by default, which Idefics3's generate refuses). `text` without vocab_size gets the tokenizer's."""
     path = Path(path)

@@ -3,8 +3,8 @@
 `corrected_position_ids`: transformers 4.55–4.57 buckets vision patch rows/cols with `k / nb · (1 − 1e−6)` in
 fp32, which maps a full tile to 0,0,1,…,N−2 instead of the identity the checkpoints were trained with (their PRs
 41371/41374/47133). Inside this context manager `Idefics3VisionEmbeddings.forward` uses the integer rule of
-docs/design.md §2 — row k → min(k·N // nb, N−1) — so both sides compute the same, correct thing. Everything else in
-the reference runs unmodified. Needs torch and transformers (the `test` extra); importing this module does not.
+docs/design.md §2 — row k → min(k·N // nb, N−1) — so both sides compute the same, correct thing. Everything else
+in the reference runs unmodified. Needs torch and transformers (the `test` extra); importing this module does not.
 """
 from __future__ import annotations
 

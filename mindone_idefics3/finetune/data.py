@@ -13,10 +13,11 @@ processor's loader.
 
 Labels (`Labeler`): by default only the assistant turns are scored — the tokens of each assistant message's content
 and the `<end_of_utterance>` that closes it; `train_on="all"` scores every token but `<image>` and padding (the
-Idefics3 notebook's convention: the fake/global/row-col markers around images are then scored too). Both come from the chat template's own text: the assistant message i spans from
-the end of `render(messages[:i], add_generation_prompt=True)` (after "Assistant:") to the end of the last
-`<end_of_utterance>` inside `render(messages[:i + 1])`; tokens are mapped to those characters through the
-tokenizer's offsets, after the `<image>` tags are expanded exactly as the processor expands them.
+Idefics3 notebook's convention: the fake/global/row-col markers around images are then scored too). Both come from
+the chat template's own text: the assistant message i spans from the end of `render(messages[:i],
+add_generation_prompt=True)` (after "Assistant:") to the end of the last `<end_of_utterance>` inside
+`render(messages[:i + 1])`; tokens are mapped to those characters through the tokenizer's offsets, after the
+`<image>` tags are expanded exactly as the processor expands them.
 """
 from __future__ import annotations
 

@@ -3,8 +3,7 @@
 On the CPU, MindSpore 2.10's GeLU kernel (`ops.gelu(approximate="tanh")`) is many times slower than the same
 function written as x · sigmoid(2·√(2/π)·(x + 0.044715·x³)) — equal to 0.5·x·(1 + tanh(…)) since
 1 + tanh(z) = 2·sigmoid(2z) — and its Tanh kernel is an approximation; the sigmoid form is as close to torch as
-MindSpore's own kernel (figures: docs/performance.md §11). On Ascend the fused
-GeLU kernel is used.
+MindSpore's own kernel (figures: docs/performance.md §11). On Ascend the fused GeLU kernel is used.
 """
 from __future__ import annotations
 

@@ -75,8 +75,8 @@ class Job:
 
 # ----------------------------------------------------------------------------------------------- a row
 class Row:
-    """A job's row in the running batch (a `runner.Row`): detokenizes its tokens, applies its stop strings, posts
-    the text as it becomes final."""
+    """A job's row in the running batch (a row of `runner.run_batch`): detokenizes its tokens, applies its stop
+    strings, posts the text as it becomes final."""
 
     def __init__(self, job: Job, tokenizer, metrics: Metrics):
         self.job, self.metrics = job, metrics
