@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
+from .errors import Idefics3Error
+
 
 def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str] = None,
                         model_required: bool = True) -> None:
@@ -47,8 +49,6 @@ def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: i
 
 
 def check_max_new_tokens(args: argparse.Namespace) -> None:
-    from .errors import Idefics3Error
-
     if args.max_new_tokens < 1:
         raise Idefics3Error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
@@ -97,8 +97,6 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     exit code 2, Ctrl-C one `interrupted` line and 130; MindSpore's own INFO/WARNING lines stay off (they would
     drown the command's output). `errors`: more exception types reported the same way, with their own exit codes;
     `interrupted`: the Ctrl-C line of a command that has more to say."""
-    from .errors import Idefics3Error
-
     os.environ.setdefault("GLOG_v", "3")
 
     codes = {Idefics3Error: 2, **(errors or {})}

@@ -222,29 +222,20 @@ class SamplingParams:
             raise Idefics3Error(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
-def sampling_params(rows: int, *, max_new_tokens: int = 20, do_sample: RowOption = False,
-                    temperature: RowOption = 1.0, top_k: RowOption = 0, top_p: RowOption = 1.0,
-                    repetition_penalty: float = 1.0, seed: RowOption = None
-                    ) -> Union[SamplingParams, List[SamplingParams]]:
-    """`generate`'s keyword options as SamplingParams: one for the batch when every option is one value, else a
-    list with one per row (do_sample, temperature, top_k, top_p and seed may be given per row)."""
-    per_row = {name: value for name, value in (("do_sample", do_sample), ("temperature", temperature),
-                                                ("top_k", top_k), ("top_p", top_p), ("seed", seed))}
+def sampling_params(rows: int, *, max_new_tokens: int = 20, repetition_penalty: float = 1.0,
+                    **row_options: RowOption) -> Union[SamplingParams, List[SamplingParams]]:
+    """`generate`'s keyword options as SamplingParams: one for the batch when every option is one value, else one
+    per row (do_sample, temperature, top_k, top_p and seed may each be one value or a list of one per row)."""
     common = SamplingParams(max_new_tokens, repetition_penalty=repetition_penalty)
-    if not any(isinstance(v, (list, tuple, np.ndarray)) for v in per_row.values()):
-        return replace(common, **per_row)
-    columns = {name: _per_row(name, value, rows) for name, value in per_row.items()}
-    return [replace(common, **{name: column[r] for name, column in columns.items()}) for r in range(rows)]
-
-
-def _per_row(name: str, value, rows: int) -> list:
-    """A per-row option as a list of `rows` values (a scalar is repeated)."""
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        return [value] * rows
-    if len(value) != rows:
-        raise Idefics3Error(f"{name} has {len(value)} values for a batch of {rows} rows; give one value per row "
-                            "or a single value")
-    return list(value)
+    lists = {name: value for name, value in row_options.items() if isinstance(value, (list, tuple, np.ndarray))}
+    if not lists:
+        return replace(common, **row_options)
+    for name, value in lists.items():
+        if len(value) != rows:
+            raise Idefics3Error(f"{name} has {len(value)} values for a batch of {rows} rows; give one value per row "
+                                "or a single value")
+    return [replace(common, **{name: value[r] if name in lists else value for name, value in row_options.items()})
+            for r in range(rows)]
 
 
 class Sampler:

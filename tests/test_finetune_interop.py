@@ -88,7 +88,7 @@ def test_merged_checkpoint_loads_in_transformers(ckpt_a, saved, tmp_path):
 
     from mindone_idefics3 import Idefics3ForConditionalGeneration
     from mindone_idefics3.finetune.export import write_hf_checkpoint
-    from mindone_idefics3.model.peft_adapter import load_adapter
+    from mindone_idefics3.model.lora import load_adapter
 
     out, _, _, inputs, ours = saved
     model = Idefics3ForConditionalGeneration.from_pretrained(ckpt_a.path, progress=False)

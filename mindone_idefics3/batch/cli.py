@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..cli_options import add_model_arguments, add_sampling_arguments, check_max_new_tokens, run_command
+from ..errors import Idefics3Error
 
 DEFAULT_BATCH_SIZE = 8
 WINDOW_BATCHES = 4  # default --sort-window: this many batches of rows are prepared and sorted together
@@ -63,7 +64,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..distributed import current_world, is_msrun_scheduler, share_cpu_threads
-    from ..errors import Idefics3Error
     from .progress import Progress
     from .rows import read_rows
     from .shards import OutputFiles, announce, finished, merge, missing, wait_for_all_rows

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..cli_options import load_processor_and_model, run_command
 from ..distributed import World, current_world, is_msrun_scheduler, share_cpu_threads
+from ..errors import Idefics3Error
 from ..files import atomic_path, read_json, write_json_atomically
 from ..process import peak_rss_bytes
 
@@ -114,8 +115,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def check_args(args) -> None:
-    from ..errors import Idefics3Error
-
     positive = {"--batch-size": args.batch_size, "--grad-accum": args.grad_accum, "--lora-rank": args.lora_rank}
     for flag in ("max_steps", "eval_steps", "save_steps", "max_length"):
         value = getattr(args, flag)
@@ -155,8 +154,6 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    from ..errors import Idefics3Error
-
     check_args(args)
     from .data import TrainingData
 

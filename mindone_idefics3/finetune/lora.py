@@ -1,11 +1,9 @@
 """LoRA for training: which modules `--lora-targets` names, fresh adapters on them, and the adapter files saved.
 
-The LoRA layer, its merge and PEFT's module names are the model's (model/lora.py); this module chooses targets,
-initialises their weights as PEFT does and writes PEFT's files: `adapter_model.safetensors` with tensors
-`base_model.model.<path>.lora_A.weight` / `.lora_B.weight`, and an `adapter_config.json` whose `target_modules` is a
-regular expression matching exactly the wrapped modules (`peft` matches a plain list of names against every module,
-so `["q_proj"]` would also wrap SigLIP's q_proj). Reading adapters back (ours or PEFT's) is the model's:
-model/peft_adapter.py.
+The LoRA layer, its merge, PEFT's names and the reading of adapter files are the model's (model/lora.py); this
+module chooses targets, initialises their weights as PEFT does and writes the files, with an `adapter_config.json`
+whose `target_modules` is a regular expression matching exactly the wrapped modules (`peft` matches a plain list of
+names against every module, so `["q_proj"]` would also wrap SigLIP's q_proj).
 """
 from __future__ import annotations
 
@@ -19,8 +17,8 @@ from mindspore import Tensor
 
 from ..errors import Idefics3Error
 from ..files import atomic_path, write_json_atomically
-from ..model.lora import Lora, LoraPart, ModuleSlot, attach, module_slots
-from ..model.peft_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Lora, LoraPart, ModuleSlot, attach,
+                          module_slots)
 from .names import DEFAULT_TARGETS, TARGET_HELP, TEXT_NAMES, VISION_NAMES  # noqa: F401
 
 GROUPS = (("model.vision_model.", "vision"), ("model.connector.", "connector"), ("model.text_model.", "text"),

@@ -21,7 +21,7 @@ from .connector import Connector, check_patch_grid
 from .layers import Linear, linear
 from .loss import causal_lm_loss
 from .llama import LlamaModel
-from .peft_adapter import load_adapter
+from .lora import load_adapter
 from .vision import VisionTransformer, patch_layout
 
 ArrayLike = Union[np.ndarray, Tensor, list]
