@@ -5,7 +5,7 @@ PyNative slice-setitem on axis 2 of a 4-D Parameter rebinds its data, after whic
 keeps reading (and writing) its own stale copy. So the cache is written two ways: inside a compiled graph by
 `scatter_nd_update` (in place, only the new slots; the indices are made once per forward by `scatter_index` and
 shared by every layer), and in PyNative by `ops.assign` of the whole updated tensor (the `--no-jit` loop), which
-both sides see. tests/test_generation.py checks the mix. In a compiled decode step `scatter_nd_update` is also the
+both sides see. tests/generation/test_generation.py checks the mix. In a compiled decode step `scatter_nd_update` is also the
 cheaper write (two writes per layer per step; docs/performance.md).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SCENARIOS = {
     "threads_then_device": ("ms.device_context.cpu.op_tuning.threads_num(2); ms.set_device('CPU')",

@@ -9,7 +9,7 @@ import pytest
 
 from mindone_idefics3.processing import load_image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, env=None, timeout=300):

@@ -10,7 +10,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets", reason="the eval extra (datasets) is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import prepare_dataset  # noqa: E402  (a script in benchmarks/, not a package module)
 

@@ -11,7 +11,7 @@ import pytest
 from batch_workspace import BAD_ROWS, GOOD_ROWS, make_workspace, read_jsonl, write_jsonl
 from mindone_idefics3.batch.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW = 12
 
 

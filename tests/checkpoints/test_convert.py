@@ -28,7 +28,7 @@ from mindone_idefics3.errors import Idefics3Error
 from mindone_idefics3.version import __version__
 from mindone_idefics3.weights import SAFE_INDEX, cast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROCESSOR_FILES = {
     "tokenizer.json": '{"version": "1.0", "model": {"type": "BPE"}}',
     "tokenizer_config.json": '{"model_max_length": 1024}',

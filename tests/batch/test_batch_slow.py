@@ -12,7 +12,7 @@ import pytest
 
 from batch_workspace import make_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "GLOG_v": "3"}
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 
 from finetune_data import write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "GLOG_v": "3"}
 pytestmark = pytest.mark.slow
 
