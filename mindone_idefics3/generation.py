@@ -161,17 +161,18 @@ def prompt_slots(prompt_len: int, use_jit: bool) -> int:
 
 
 def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attention_mask, cache_len: int,
-            use_jit: bool = False, stats: Optional[GenerationStats] = None):
+            use_jit: bool = False, stats: Optional[GenerationStats] = None, image_hidden_states=None):
     """Set up a (B, cache_len) static cache; run vision + the whole prompt into its first `prompt_slots` slots.
 
     Returns the last position's logits (B, V) fp32 and the key mask (B, cache_len) bool the decode steps use:
     the (left-padded) prompt's mask, then every generated slot (causality keeps future slots out).
+    image_hidden_states: the image features, computed already (the vision tower does not run).
     """
     b, s = ids.shape
     text = model.model.text_model
     text.setup_caches(b, cache_len)
     t0 = time.perf_counter()
-    embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit)
+    embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit, image_hidden_states)
     if stats is not None:
         synchronize(embeds)  # wait for the vision tower, so the two phases are timed apart
     t1 = time.perf_counter()
@@ -283,12 +284,14 @@ class Step:
 def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                    params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams(), *,
                    eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-                   use_jit: bool = True, stats: Optional[GenerationStats] = None) -> Iterator[Step]:
+                   use_jit: bool = True, stats: Optional[GenerationStats] = None,
+                   image_hidden_states=None) -> Iterator[Step]:
     """Yield each decode step of the batch until every row finished: a row ends at any stop id (eos +
     `<end_of_utterance>`) or after its own max_new_tokens. This is the loop under `generate`, `stream_generate`,
     batch inference and the server.
 
-    params: one SamplingParams for the batch, or one per row (see `Sampler`).
+    params: one SamplingParams for the batch, or one per row (see `Sampler`). image_hidden_states: the features
+    of the images' real tiles, computed already (an image-feature cache): the vision tower does not run.
     """
     ids = model.check_input_ids(input_ids)
     b, s = ids.shape
@@ -314,7 +317,8 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     t0 = time.perf_counter()
     first_slot = prompt_slots(s, use_jit)  # decode writes from here on
     cache_len = cache_length(first_slot + longest)
-    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats)
+    logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats,
+                               image_hidden_states)
     sequences = ids.astype(np.int64)
     next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token
     ended = limits == 0
@@ -350,19 +354,20 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
 def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, *,
              streamer=None, stats: Optional[GenerationStats] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-             use_jit: bool = True, **options) -> np.ndarray:
+             use_jit: bool = True, image_hidden_states=None, **options) -> np.ndarray:
     """The prompt followed by the new tokens, (B, S + new) int64, like transformers' generate.
 
     options: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed (see `sampling_params`:
     one value, or one per row for the sampling ones). Each row stops at any stop id (eos + `<end_of_utterance>`)
     and is padded after it; generation ends when every row stopped or after max_new_tokens. `streamer` (optional)
-    gets `put(tokens (B,))` per step and `end()`.
+    gets `put(tokens (B,))` per step and `end()`. image_hidden_states: the image features, computed already.
     """
     ids = model.check_input_ids(input_ids)
     params = sampling_params(ids.shape[0], **options)
     new = []
     for step in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, params,
-                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_jit=use_jit, stats=stats):
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_jit=use_jit, stats=stats,
+                               image_hidden_states=image_hidden_states):
         new.append(step.tokens)
         if streamer is not None:
             streamer.put(step.tokens)
@@ -375,7 +380,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, pixel_att
 def stream_generate(model, processor, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                     *, skip_special_tokens: bool = True, stats: Optional[GenerationStats] = None,
                     eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
-                    use_jit: bool = True, **options) -> Iterator[str]:
+                    use_jit: bool = True, image_hidden_states=None, **options) -> Iterator[str]:
     """Yield the answer to one prompt as text pieces while tokens arrive.
 
     Pieces never split a multi-byte character and concatenate to `processor.batch_decode(new_ids,
@@ -390,7 +395,8 @@ def stream_generate(model, processor, input_ids, attention_mask=None, pixel_valu
     detok = IncrementalDetokenizer(processor.tokenizer, skip_special_tokens=skip_special_tokens)
     params = sampling_params(1, **{**model.generation_defaults(), **options})
     for step in generate_steps(model, ids, attention_mask, pixel_values, pixel_attention_mask, params,
-                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_jit=use_jit, stats=stats):
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_jit=use_jit, stats=stats,
+                               image_hidden_states=image_hidden_states):
         piece = detok.add(int(step.tokens[0]))
         if piece:
             yield piece

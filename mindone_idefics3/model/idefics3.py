@@ -1,8 +1,10 @@
 """Idefics3: SigLIP tiles → pixel shuffle → written into the `<image>` token positions of a Llama 3 prompt."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import mindspore as ms
@@ -10,7 +12,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import Idefics3Config
-from ..device import current_device, resolve_dtype, select_device
+from ..device import current_device, dtype_name, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from ..files import read_json
 from ..generation import GenerationMixin
@@ -142,6 +144,7 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
                                   dtype=dtype)
         self.generation_config: dict = {}
         self.model_dir: Optional[str] = None
+        self.weights_id: Optional[str] = None  # what the weights were loaded from (from_pretrained), see weights_id
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -173,6 +176,7 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
         model.model_dir = str(model_dir)
         if adapter is not None:
             load_adapter(model, adapter, merge_now=True)
+        model.weights_id = weights_id(model_dir, ms_dtype, adapter)
         model.set_train(False)
         return model
 
@@ -184,29 +188,41 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
         weight = self.model.text_model.embed_tokens.weight if self.tied else self.lm_head.weight_arg()
         return linear(hidden, weight).astype(ms.float32)
 
+    def get_image_features(self, pixel_values, pixel_attention_mask=None, use_jit: bool = False) -> Optional[Tensor]:
+        """Vision tower + connector over the real tiles of pixel_values (B, I, 3, H, W) (all-zero padding images
+        dropped), in order: (T, image_seq_len, text hidden), or None without a real tile (transformers' name)."""
+        cfg = self.config.vision_config
+        vision = prepare_vision_inputs(pixel_values, pixel_attention_mask, cfg.patch_size, cfg.patches_per_side)
+        return None if vision is None else self.model.image_features(vision, self.dtype, use_jit)
+
     def embed_prompt(self, input_ids: np.ndarray, pixel_values=None, pixel_attention_mask=None,
-                     use_jit: bool = False):
+                     use_jit: bool = False, image_hidden_states: Optional[Tensor] = None):
         """Token embeddings (B, S, H) with the image features written into the `<image>` positions.
 
         Returns (embeddings, image features or None). The number of `<image>` tokens must equal
-        (real images) × image_seq_len. use_jit: run the vision tower as a compiled graph.
+        (real tiles) × image_seq_len. use_jit: run the vision tower as a compiled graph. image_hidden_states:
+        the features of the real tiles, computed already (`get_image_features`; an image-feature cache): the
+        vision tower does not run (transformers' argument of the same name).
         """
         cfg = self.config
         embeds = self.model.text_model.embed_tokens(Tensor(input_ids))
         image_positions = np.flatnonzero(input_ids.reshape(-1) == cfg.image_token_id)
         vision = None
-        if pixel_values is not None:
-            vision = prepare_vision_inputs(pixel_values, pixel_attention_mask, cfg.vision_config.patch_size,
-                                           cfg.vision_config.patches_per_side)
-        n_tiles = 0 if vision is None else len(vision.pixel_values)
+        if image_hidden_states is not None:
+            n_tiles = image_hidden_states.shape[0]
+        else:
+            if pixel_values is not None:
+                vision = prepare_vision_inputs(pixel_values, pixel_attention_mask, cfg.vision_config.patch_size,
+                                               cfg.vision_config.patches_per_side)
+            n_tiles = 0 if vision is None else len(vision.pixel_values)
         if image_positions.size != n_tiles * cfg.image_seq_len:
             raise Idefics3Error(
                 f"the prompt holds {image_positions.size} <image> tokens but pixel_values hold {n_tiles} image "
                 f"tile(s) × {cfg.image_seq_len} tokens = {n_tiles * cfg.image_seq_len}; build the prompt with the "
                 "processor (it expands each <image> to the tokens of its tiles) and pass the images it returned")
-        if vision is None:
+        if n_tiles == 0:
             return embeds, None
-        features = self.model.image_features(vision, self.dtype, use_jit)
+        features = image_hidden_states if vision is None else self.model.image_features(vision, self.dtype, use_jit)
         b, s, h = embeds.shape
         # One gather merges both: row i of the result is token i's embedding, or the next image feature.
         index = np.arange(b * s, dtype=np.int32)
@@ -293,3 +309,15 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
     @property
     def device(self) -> str:
         return current_device()
+
+
+def weights_id(model_dir, dtype, adapter=None) -> str:
+    """An identity of loaded weights, for caches of what they compute (image features): the checkpoint's and the
+    adapter's files (path, size, modification time) and the dtype."""
+    parts = [dtype_name(dtype)]
+    for directory in (model_dir, adapter):
+        if directory is None:
+            continue
+        directory = Path(directory).resolve()
+        parts += [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(directory.iterdir()) if f.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -46,4 +46,5 @@ def collate(samples: Sequence[Mapping[str, np.ndarray]], pad_token_id: Optional[
         pixel_values[b, :i, :, :h, :w] = sample["pixel_values"][0]
         pixel_mask[b, :i, :h, :w] = sample["pixel_attention_mask"][0]
     out["pixel_values"], out["pixel_attention_mask"] = pixel_values, pixel_mask
+    out.image_tiles = [list(s.image_tiles[0]) if s.image_tiles else [] for s in samples]
     return out

@@ -29,7 +29,13 @@ IMAGE_OPTIONS = tuple(f for f in ImageProcessorConfig.__dataclass_fields__)
 
 
 class ProcessorOutput(dict):
-    """The processor's result: a dict whose keys are also attributes (`out.input_ids`)."""
+    """The processor's result: a dict whose keys are also attributes (`out.input_ids`).
+
+    `image_tiles` (an attribute, not a key: `**inputs` passes only the model's inputs on) holds, per prompt, the
+    number of tiles of each image, in the order of pixel_values' image axis: what tells one image's tiles from the
+    next (the image-feature cache keys its entries by image)."""
+
+    image_tiles: Optional[List[List[int]]] = None
 
     def __getattr__(self, name: str):
         try:
@@ -134,6 +140,7 @@ class Idefics3Processor:
         out = ProcessorOutput()
         if batch is not None:
             out["pixel_values"], out["pixel_attention_mask"] = batch.pixel_values, batch.pixel_attention_mask
+            out.image_tiles = [[r * c + 1 for r, c in zip(rows, cols)] for rows, cols in zip(batch.rows, batch.cols)]
         if prompts is None:
             out["rows"], out["cols"] = batch.rows, batch.cols
             return _convert(out, return_tensors)
