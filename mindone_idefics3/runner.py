@@ -14,14 +14,15 @@ from typing import Callable, Optional, Sequence, Tuple, Type
 import numpy as np
 
 from .generation import SamplingParams, generate_steps
+from .image_cache import ImageFeatureCache
 from .processing.collate import collate
 from .processing.processor import ProcessorOutput
 
 
 def run_batch(model, rows: Sequence, pad_token_id: Optional[int], *, sampling: Optional[SamplingParams] = None,
               recoverable: Tuple[Type[BaseException], ...] = (Exception,), pad_to_power_of_two: bool = False,
-              on_start: Optional[Callable[[int], None]] = None, on_step: Optional[Callable[[], None]] = None,
-              log: Optional[logging.Logger] = None) -> None:
+              image_cache: Optional[ImageFeatureCache] = None, on_start: Optional[Callable[[int], None]] = None,
+              on_step: Optional[Callable[[], None]] = None, log: Optional[logging.Logger] = None) -> None:
     """Generate for `rows` as one batch; every row gets its tokens up to its end, or `fail`.
 
     sampling: one SamplingParams for the whole batch (its rows draw from one generator, as `generate` does); None:
@@ -30,6 +31,8 @@ def run_batch(model, rows: Sequence, pad_token_id: Optional[int], *, sampling: O
         that only the request at fault fails (its row gets `fail(error)`); other errors propagate.
     pad_to_power_of_two: filler rows (one token, no image, output unread) up to the next power of two, so fewer
         batch shapes are compiled.
+    image_cache: where the rows' image features are looked up (and kept) instead of running every image through
+        the vision tower; None: the vision tower runs on every image of the batch.
     on_start(rows in the batch, fillers included) before each attempt; on_step() after each step's tokens.
     """
     inputs = [row.inputs for row in rows]
@@ -44,8 +47,9 @@ def run_batch(model, rows: Sequence, pad_token_id: Optional[int], *, sampling: O
         batch = collate(inputs, pad_token_id)
         if on_start is not None:
             on_start(len(inputs))
+        features = None if image_cache is None else image_cache.features(model, batch)[0]
         steps = generate_steps(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                               batch.get("pixel_attention_mask"), params, use_jit=True)
+                               batch.get("pixel_attention_mask"), params, use_jit=True, image_hidden_states=features)
         try:
             for step in steps:
                 started = True
@@ -65,7 +69,8 @@ def run_batch(model, rows: Sequence, pad_token_id: Optional[int], *, sampling: O
                             len(rows), type(e).__name__, e)
             for row in rows:
                 run_batch(model, [row], pad_token_id, sampling=sampling, recoverable=recoverable,
-                          pad_to_power_of_two=pad_to_power_of_two, on_start=on_start, on_step=on_step, log=log)
+                          pad_to_power_of_two=pad_to_power_of_two, image_cache=image_cache, on_start=on_start,
+                          on_step=on_step, log=log)
             return
         if log is not None:
             log.error("batch of %d failed", len(rows), exc_info=True)
