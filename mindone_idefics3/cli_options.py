@@ -35,6 +35,24 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str]
                    help="do not split large images into tiles (one tile per image: faster, less detail)")
 
 
+def add_image_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--image-cache-mb: the image-feature cache of generate.py, idefics3-batch and idefics3-serve."""
+    p.add_argument("--image-cache-mb", type=float, default=None, metavar="MB",
+                   help="keep the vision features of up to this many MB of images, so an image seen again (the same "
+                        "pixels, whatever its name) skips the vision tower (default: 512 on the CPU, 2048 on "
+                        "Ascend; 0 = off)")
+
+
+def image_cache(args: argparse.Namespace, device: str):
+    """The ImageFeatureCache of --image-cache-mb (the device's default when not given)."""
+    from .image_cache import DEFAULT_MB, ImageFeatureCache
+
+    mb = DEFAULT_MB[device] if args.image_cache_mb is None else args.image_cache_mb
+    if mb < 0:
+        raise Idefics3Error(f"--image-cache-mb must be >= 0 (0 = off), got {mb:g}")
+    return ImageFeatureCache(int(mb * 2**20))
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: int) -> None:
     """--max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty, --seed."""
     p.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens,
