@@ -53,9 +53,10 @@ class ImageFeatureCache:
         images = list(_images(pixel_values, mask, getattr(inputs, "image_tiles", None)))
         if not images:
             return None, 0
-        keys = [self._key(model, tiles, keep) for tiles, keep in images]
+        # off: every image is encoded (as without a cache); on: an image twice in one call is encoded once
+        keys = [self._key(model, tiles, keep) if self.max_bytes else i for i, (tiles, keep) in enumerate(images)]
         found = [self._get(key) for key in keys]
-        todo = {}  # key → the first image to encode for it (an image twice in one call is encoded once)
+        todo = {}  # key → the first image to encode for it
         for i, key in enumerate(keys):
             if found[i] is None:
                 todo.setdefault(key, i)
@@ -76,6 +77,7 @@ class ImageFeatureCache:
         return (found[0] if len(found) == 1 else ops.cat(found, axis=0)), encoded
 
     def _key(self, model, tiles: np.ndarray, keep: np.ndarray) -> bytes:
+        """A hash of the image's tiles and pixel mask, their shapes and the model's weights."""
         digest = hashlib.blake2b(digest_size=20)
         digest.update(str(getattr(model, "weights_id", id(model))).encode())
         digest.update(repr((tiles.shape, str(tiles.dtype), keep.shape)).encode())
@@ -83,13 +85,13 @@ class ImageFeatureCache:
         digest.update(np.ascontiguousarray(keep, dtype=np.bool_).data)
         return digest.digest()
 
-    def _get(self, key: bytes) -> Optional[Tensor]:
+    def _get(self, key) -> Optional[Tensor]:
         features = self._entries.get(key)
         if features is not None:
             self._entries.move_to_end(key)
         return features
 
-    def _put(self, key: bytes, features: Tensor) -> None:
+    def _put(self, key, features: Tensor) -> None:
         size = features.nbytes
         if size > self.max_bytes:
             return

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..cli_options import add_model_arguments, add_sampling_arguments, check_max_new_tokens, run_command
+from ..cli_options import (add_image_cache_argument, add_model_arguments, add_sampling_arguments, check_max_new_tokens,
+                           run_command)
 from ..errors import Idefics3Error
 
 DEFAULT_BATCH_SIZE = 8
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rows prepared ahead and sorted by prompt length before they are cut into batches "
                         f"(default {WINDOW_BATCHES} x --batch-size; each holds its image tensors in memory)")
     add_sampling_arguments(p, default_max_new_tokens=500)
+    add_image_cache_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is still printed)")
     return p
 
@@ -89,15 +91,19 @@ def run(args: argparse.Namespace) -> int:
     where = f" [rank {world.rank} of {world.size}]" if world.size > 1 else ""
     progress = Progress(len(mine), enabled=not args.no_progress, label=f"rank {world.rank}" if world.size > 1
                         else "rows")
+    cache = None
     try:
         if mine:
             announce(files, world)
-            run_rows(mine, args, files.part(world.rank), progress)
+            cache = run_rows(mine, args, files.part(world.rank), progress)
     finally:
         progress.close()
     this_run = (f"this run: {progress.rows} rows, {progress.errors} errors, {progress.tokens} tokens in "
                 f"{progress.seconds:.1f} s ({progress.rows / max(progress.seconds, 1e-9):.2f} rows/s, "
-                f"{progress.tokens_per_second:.1f} tokens/s)")
+                f"{progress.tokens_per_second:.1f} tokens/s")
+    if cache is not None and cache.hits + cache.misses:
+        this_run += f", {cache.misses} images encoded, {cache.hits} taken from the image cache"
+    this_run += ")"
     if world.rank != 0:
         print(f"done{where}: {this_run}; rank 0 writes {files.final}", file=sys.stderr)
         return 0
@@ -111,13 +117,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_rows(rows: Sequence, args: argparse.Namespace, part: Path, progress) -> None:
-    """Load the model, run `rows` (this rank's rows without a record), append their records to `part`."""
-    from ..cli_options import generation_options, load_processor_and_model
-    from .runner import answer_rows
+def run_rows(rows: Sequence, args: argparse.Namespace, part: Path, progress):
+    """Load the model, run `rows` (this rank's rows without a record), append their records to `part`; returns
+    the image-feature cache the rows went through."""
+    from ..cli_options import generation_options, image_cache, load_processor_and_model
     from .records import RecordWriter
+    from .runner import answer_rows
 
-    processor, model, _, _ = load_processor_and_model(args)
+    processor, model, device, _ = load_processor_and_model(args)
+    cache = image_cache(args, device)
     writer = RecordWriter(part)
 
     def write(records) -> None:
@@ -125,6 +133,8 @@ def run_rows(rows: Sequence, args: argparse.Namespace, part: Path, progress) -> 
         progress.update(records)
 
     try:
-        answer_rows(rows, processor, model, generation_options(args), args.batch_size, args.sort_window, write)
+        answer_rows(rows, processor, model, generation_options(args), args.batch_size, args.sort_window, write,
+                    image_cache=cache)
     finally:
         writer.close()
+    return cache

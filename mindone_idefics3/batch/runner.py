@@ -14,6 +14,7 @@ import numpy as np
 from .. import runner
 from ..errors import Idefics3Error
 from ..generation import sampling_params
+from ..image_cache import ImageFeatureCache
 from .prepare import PreparedRow, prepare
 from .records import Record
 from .rows import InputRow, row_error
@@ -22,15 +23,16 @@ T = TypeVar("T")
 
 
 def answer_rows(rows: Sequence[InputRow], processor, model, options: Dict[str, Any], batch_size: int, window: int,
-                write: Callable[[List[Record]], None]) -> None:
+                write: Callable[[List[Record]], None], image_cache: Optional[ImageFeatureCache] = None) -> None:
     """Hand `write` the records of `rows`: the error records of a window's broken rows, then each batch's records
-    as soon as it is generated. options: `generate`'s keyword arguments (max_new_tokens, sampling)."""
+    as soon as it is generated. options: `generate`'s keyword arguments (max_new_tokens, sampling). image_cache:
+    where rows that share an image (in a batch or across batches) find its features."""
     context = model.config.text_config.max_position_embeddings
     for part in windows(rows, window):
         prepared = [prepare(row, processor, options["max_new_tokens"], context) for row in part]
         write([p for p in prepared if not isinstance(p, PreparedRow)])
         for batch in length_batches([p for p in prepared if isinstance(p, PreparedRow)], batch_size):
-            write(run_batch(model, processor, batch, options))
+            write(run_batch(model, processor, batch, options, image_cache))
 
 
 def windows(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -66,12 +68,14 @@ class _Answer:
         self.record = row_error(self.prepared.row, str(error))
 
 
-def run_batch(model, processor, batch: Sequence[PreparedRow], options: Dict[str, Any]) -> List[Record]:
+def run_batch(model, processor, batch: Sequence[PreparedRow], options: Dict[str, Any],
+              image_cache: Optional[ImageFeatureCache] = None) -> List[Record]:
     """Records for the rows of `batch`. A batch that generation refuses is retried row by row, so only the row at
     fault gets an error record."""
     answers = [_Answer(prepared, processor) for prepared in batch]
     params = sampling_params(len(batch), **{**model.generation_defaults(), **options})
-    runner.run_batch(model, answers, processor.tokenizer.pad_token_id, sampling=params, recoverable=(Idefics3Error,))
+    runner.run_batch(model, answers, processor.tokenizer.pad_token_id, sampling=params, recoverable=(Idefics3Error,),
+                     image_cache=image_cache)
     return [answer.record for answer in answers]
 
 

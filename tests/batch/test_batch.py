@@ -140,3 +140,22 @@ def test_missing_required_flags_and_help():
                  "--top-k", "--seed", "--longest-edge", "--no-image-splitting", "--dtype", "--device",
                  "--sort-window", "--no-progress", "msrun", "finish_reason", "error"):
         assert flag in r.stdout
+
+
+def test_rows_sharing_a_photo_encode_it_once_and_answer_as_without_the_cache(workspace, tmp_path, capsys, ms_cpu):
+    """2 photos × 3 questions: the images go through the vision tower twice, not six times (the summary line says
+    so), and every answer is the one the run without the image cache gives."""
+    questions = ("What is it?", "Describe the image.", "How many objects are there?")
+    rows = [{"id": f"{name}-{q}", "prompt": question, "images": [str(workspace / name)]}
+            for name in ("img.png", "wide.png") for q, question in enumerate(questions)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    runs = {}
+    for mb in ("512", "0"):
+        out = tmp_path / f"out-{mb}.jsonl"
+        assert main(["--model", str(workspace / "model"), "--input", str(tmp_path / "in.jsonl"), "--output",
+                     str(out), "--batch-size", "2", "--max-new-tokens", str(MAX_NEW), "--no-progress",
+                     "--image-cache-mb", mb]) == 0
+        runs[mb] = (read_jsonl(out), capsys.readouterr().err)
+    assert "2 images encoded, 4 taken from the image cache" in runs["512"][1]
+    assert "6 images encoded, 0 taken from the image cache" in runs["0"][1]
+    assert runs["512"][0] == runs["0"][0]
