@@ -6,6 +6,7 @@ and the processor can be used without touching the model side.
 from .version import __version__
 
 _LAZY = {
+    "ChatSession": "mindone_idefics3.chat",
     "Idefics3Config": "mindone_idefics3.config",
     "Idefics3ForConditionalGeneration": "mindone_idefics3.model.idefics3",
     "Idefics3Processor": "mindone_idefics3.processing.processor",

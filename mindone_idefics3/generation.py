@@ -119,6 +119,8 @@ class GenerationStats:
     decode_seconds: float = 0.0  # the decode steps after the first
     decode_steps: int = 0
     new_ids: List[np.ndarray] = field(default_factory=list)  # each step's new tokens, (B,) int64
+    vision_tiles: int = 0  # image tiles run through the vision tower (not those found in an image-feature cache)
+    reused_tokens: int = 0  # prompt tokens whose keys and values were in the cache already (a conversation)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -171,8 +173,9 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     b, s = ids.shape
     text = model.model.text_model
     text.setup_caches(b, cache_len)
+    text.caches.owner = None  # what a conversation kept in these caches is overwritten (see chat.py)
     t0 = time.perf_counter()
-    embeds, _ = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit, image_hidden_states)
+    embeds, features = model.embed_prompt(ids, pixel_values, pixel_attention_mask, use_jit, image_hidden_states)
     if stats is not None:
         synchronize(embeds)  # wait for the vision tower, so the two phases are timed apart
     t1 = time.perf_counter()
@@ -189,6 +192,7 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, pixel_values, pixel_attent
     if stats is not None:
         synchronize(logits)
         stats.vision_seconds, stats.prefill_seconds = t1 - t0, time.perf_counter() - t1
+        stats.vision_tiles = 0 if features is None or image_hidden_states is not None else features.shape[0]
     return logits, Tensor(key_keep)
 
 
@@ -319,12 +323,21 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     cache_len = cache_length(first_slot + longest)
     logits, key_keep = prefill(model, ids, mask, pixel_values, pixel_attention_mask, cache_len, use_jit, stats,
                                image_hidden_states)
-    sequences = ids.astype(np.int64)
-    next_pos = mask.sum(-1).astype(np.int32)[:, None]  # (B, 1) rotary position of the next token
+    yield from decode_steps(model, logits, key_keep, ids.astype(np.int64), mask.sum(-1).astype(np.int32)[:, None],
+                            first_slot, sampler, stop, pad, use_jit, stats, t0)
+
+
+def decode_steps(model, logits: Tensor, key_keep: Tensor, sequences: np.ndarray, next_pos: np.ndarray,
+                 first_slot: int, sampler: Sampler, stop: np.ndarray, pad: int, use_jit: bool,
+                 stats: GenerationStats, t0: float) -> Iterator[Step]:
+    """The decode loop after a prefill: the first token from the prefill's last logits (B, V), then one compiled
+    step per token, writing slot first_slot + t; yields every Step until each row ended (see generate_steps).
+    sequences (B, S): the ids so far (repetition penalty); next_pos (B, 1): the next token's rotary position."""
+    limits = np.array([row.max_new_tokens for row in sampler.rows], np.int64)
     ended = limits == 0
     step = decode_step_fn(model, sampler.greedy, use_jit)
     token = sampler(logits.asnumpy(), sequences)
-    for t in range(longest):
+    for t in range(int(limits.max())):
         token = np.where(ended, pad, token)
         if t == 0:
             stats.time_to_first_token = time.perf_counter() - t0

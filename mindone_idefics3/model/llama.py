@@ -211,9 +211,9 @@ class LlamaModel(nn.Cell):
         inner): each chunk writes its keys and values and attends over the cache (cache "decode": the earlier
         chunks, itself causally), so a call holds one chunk's scores — with a mask, MindSpore 2.10's CPU graphs
         keep the intermediates of every query block of a call alive, which made prefill memory grow with the prompt
-        (docs/mindspore-notes.md). One graph serves every
-        chunk; its keys are the whole cache's: the prompt's (key_keep), then every later slot (masked causally).
-        slots must be 0..S-1 (a prefill starts the cache).
+        (docs/mindspore-notes.md). One graph serves every chunk (`extend`); its keys are the whole cache's: the
+        prompt's (key_keep), then every later slot (masked causally). slots must be 0..S-1 (a prefill starts the
+        cache).
         """
         if self._layer_graph is None:
             self._layer_graph = jit_cell(self.layer_math)
@@ -231,8 +231,18 @@ class LlamaModel(nn.Cell):
         cache_keep = np.ones((b, self.cache_shape[1]), np.bool_)  # the prompt's key mask, then every later slot
         if key_keep is not None:
             cache_keep[:, :s] = key_keep.asnumpy().astype(np.bool_)
-        cache_keep = Tensor(cache_keep)
-        h = h.reshape(b, s, hidden)
+        return self.extend(inputs_embeds, position_ids, Tensor(cache_keep), slots)
+
+    def extend(self, inputs_embeds: Tensor, position_ids: Tensor, cache_keep: Tensor, slots: Tensor) -> Tensor:
+        """New tokens into the cache at `slots`, attending over the whole cache (cache_keep (B, cache length):
+        False for padded keys) and causally by slot: the chunks of a long prefill, and a conversation's next turn
+        after the tokens it has cached already. `prefill_chunk` tokens per call through the shared compiled layer
+        graph. Returns (B, S, H), normed."""
+        if self._layer_graph is None:
+            self._layer_graph = jit_cell(self.layer_math)
+        b, s, hidden = inputs_embeds.shape
+        chunk = self.prefill_chunk(b, s)
+        h = inputs_embeds.reshape(b, s, hidden)
         outs = []
         for start in range(0, s, chunk):
             part = slice(start, start + chunk)

@@ -53,7 +53,16 @@ class KVCache(nn.Cell):
 
 class LayerCaches:
     """The KV caches of every layer for one (batch, max_length) shape. A plain object on purpose: what is compiled
-    against these caches can be kept with them, keyed by this object (weakly: it goes when the caches go)."""
+    against these caches can be kept with them, keyed by this object (weakly: it goes when the caches go).
+    `owner`: who the cached keys and values belong to (a conversation, chat.py), None when nobody keeps them."""
 
     def __init__(self, shape: tuple, layers: list):
         self.shape, self.layers = shape, layers
+        self.owner = None
+
+    def copy_from(self, other: "LayerCaches", length: int) -> None:
+        """The first `length` slots of every layer's keys and values from `other` (a smaller cache), the rest as
+        they are (PyNative: `ops.assign` of whole tensors, which compiled graphs see)."""
+        for mine, theirs in zip(self.layers, other.layers):
+            for new, old in ((mine.k, theirs.k), (mine.v, theirs.v)):
+                ops.assign(new, ops.cat((old[:, :, :length], new[:, :, length:]), axis=2))

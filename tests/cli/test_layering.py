@@ -20,7 +20,7 @@ FLOORS = [
     {"ops", "processing"},
     {"generation"},  # the model class inherits GenerationMixin, as transformers' models do
     {"model"},
-    {"runner", "image_cache", "compile_cache", "demo", "cli_options"},
+    {"runner", "chat", "image_cache", "compile_cache", "demo", "cli_options"},
     {"convert", "finetune", "batch", "serve", "eval"},
     {"cli", "__init__", "__main__"},
 ]

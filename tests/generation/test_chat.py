@@ -1,0 +1,98 @@
+"""ChatSession: each turn answers as transformers does on the whole conversation so far, while prefilling only
+what the cache does not hold and encoding only the turn's new images."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from mindone_idefics3 import ChatSession, Idefics3Processor
+from mindone_idefics3 import Idefics3ForConditionalGeneration as Model
+from mindone_idefics3.errors import Idefics3Error
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, ms_cpu):
+    from mindone_idefics3.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "model")
+    return path, Model.from_pretrained(path, progress=False), Idefics3Processor.from_pretrained(path)
+
+
+def picture(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def transformers_answer(path, messages, images, stops) -> str:
+    """transformers' greedy answer to the whole conversation (its processor and model, corrected vision
+    position ids), decoded as a chat turn: up to the first stop token, special tokens skipped."""
+    import torch
+    from transformers import Idefics3ForConditionalGeneration as HFModel
+    from transformers import Idefics3Processor as HFProcessor
+
+    from reference import corrected_position_ids
+
+    processor = HFProcessor.from_pretrained(str(path))
+    model = HFModel.from_pretrained(str(path), attn_implementation="eager").eval()
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt")
+    with torch.no_grad(), corrected_position_ids():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(stops),
+                             pad_token_id=0)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return processor.decode(new[:cut], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("use_jit", [True, False], ids=["jit", "pynative"])
+def test_each_turn_answers_as_transformers_on_the_whole_conversation(demo, use_jit):
+    path, model, processor = demo
+    chat = ChatSession(model, processor, max_new_tokens=MAX_NEW, use_jit=use_jit)
+    text_model = model.model.text_model
+    stops = set(chat.stop.tolist())
+    turns = [("What is it?", [picture(1, 150, 100)]), ("And its colours?", None),
+             ("Compare it with this one.", [picture(2, 60, 200)])]
+    shapes = []
+    for number, (question, images) in enumerate(turns):
+        answer = chat.ask(question, images)
+        assert chat.messages[-1] == {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        assert answer == transformers_answer(path, chat.messages[:-1], chat.images, stops), number
+        stats = chat.last_stats
+        shapes.append(text_model.cache_shape)
+        if number == 0:
+            assert stats.reused_tokens == 0 and stats.vision_tiles > 1  # the photo is split into tiles
+        else:  # the conversation so far comes from the cache; only the new image (if any) is encoded
+            assert stats.reused_tokens >= chat.last_stats.prompt_tokens // 2 > 0
+            tiles = processor.chat_inputs(*([{"role": "user", "content": [{"type": "image"}] + [
+                {"type": "text", "text": "x"}]}], [images[0]])).image_tiles[0][0] if images else 0
+            assert stats.vision_tiles == tiles
+    assert shapes[-1][1] > shapes[0][1]  # the cache grew into a larger bucket, keeping what it held
+
+
+def test_a_generate_in_between_is_noticed_and_the_next_turn_starts_afresh(demo):
+    path, model, processor = demo
+    chat = ChatSession(model, processor, max_new_tokens=MAX_NEW, use_jit=False)
+    chat.ask("What is it?", [picture(3, 80, 80)])
+    inputs = processor.chat_inputs(chat.messages[:1], chat.images)
+    model.generate(**inputs, max_new_tokens=MAX_NEW, use_jit=False)  # writes the same cache
+    second = chat.ask("Describe it.")
+    assert chat.last_stats.reused_tokens == 0
+    fresh = ChatSession(model, processor, max_new_tokens=MAX_NEW, use_jit=False)
+    fresh.messages, fresh.images = chat.messages[:2], chat.images
+    assert second == fresh.ask("Describe it.")
+
+
+def test_a_turn_over_the_context_is_an_error_and_the_session_goes_on(demo):
+    path, model, processor = demo
+    chat = ChatSession(model, processor, max_new_tokens=MAX_NEW, use_jit=False)
+    chat.ask("Hello?")
+    messages = list(chat.messages)
+    with pytest.raises(Idefics3Error, match="beyond the model's context of 2048 tokens"):
+        chat.ask("words " * 2100)
+    assert chat.messages == messages
+    chat.ask("And now?")
+    assert chat.last_stats.reused_tokens > 0 and len(chat.messages) == 4
+    chat.reset()
+    assert chat.messages == [] and chat.images == []
+    chat.ask("Again?")
+    assert chat.last_stats.reused_tokens == 0
