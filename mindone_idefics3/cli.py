@@ -9,8 +9,8 @@ import tempfile
 import time
 from typing import List, Optional
 
-from .cli_options import (add_model_arguments, add_sampling_arguments, check_max_new_tokens,
-                          generation_options, load_processor_and_model, run_command)
+from .cli_options import (add_image_cache_argument, add_model_arguments, add_sampling_arguments, check_max_new_tokens,
+                          generation_options, image_cache, load_processor_and_model, run_command)
 from .process import peak_rss_bytes
 
 DEFAULT_MODEL = "HuggingFaceM4/Idefics3-8B-Llama3"
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="write a tiny random-weight checkpoint and a test image to a temp dir and run on them "
                         "(no download; the text is meaningless by construction)")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation: turns are read from stdin, one per line (--image files go with the first); "
+                        "'/image PATH' attaches an image to the next turn, '/reset' starts again, '/exit' or the "
+                        "end of input quits. Each turn prefills only what the conversation's cache does not hold "
+                        "and encodes only its new images; per-turn stats go to stderr")
+    add_image_cache_argument(p)
     return p
 
 
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 args.image = [str(write_demo_image(os.path.join(tmp, "demo.png")))]
             print("demo: tiny random-weight model — the generated text is meaningless by construction",
                   file=sys.stderr)
-        return _answer(args)
+        return _chat(args) if args.chat else _answer(args)
 
 
 def _answer(args: argparse.Namespace) -> int:
@@ -126,6 +132,55 @@ def _answer(args: argparse.Namespace) -> int:
               f"decode {report['decode_tokens_per_second']:.2f} tokens/s (first step incl. compile "
               f"{report['first_step_seconds']:.2f} s) | peak host memory {report['peak_host_memory_mb']:.0f} MB | "
               f"{device} {report['dtype']}]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+    from .device import select_device
+    from .errors import Idefics3Error
+    from .processing import load_image
+
+    select_device(args.device)
+    pending = [load_image(src) for src in args.image]  # bad images fail before the slow model load
+    processor, model, device, _ = load_processor_and_model(args)
+    chat = ChatSession(model, processor, image_cache=image_cache(args, device), use_jit=not args.no_jit,
+                       **generation_options(args))
+    print("chat: one turn per line; /image PATH attaches an image to the next turn, /reset starts again, /exit "
+          "quits", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        command, _, rest = line.partition(" ")
+        if not line:
+            continue
+        if command.startswith("/"):
+            if command == "/exit":
+                break
+            if command == "/reset":
+                chat.reset()
+                pending = []
+                print("[the conversation starts again]", file=sys.stderr)
+            elif command == "/image" and rest.strip():
+                try:
+                    pending.append(load_image(rest.strip()))
+                except Idefics3Error as e:
+                    print(f"error: {e}", file=sys.stderr)
+            else:
+                print(f"error: {line!r} is not a command: use /image PATH, /reset or /exit", file=sys.stderr)
+            continue
+        try:
+            for piece in chat.stream(line, pending):
+                print(piece, end="", flush=True)
+        except Idefics3Error as e:  # the turn is dropped (with its images), the conversation goes on
+            print(f"error: {e}", file=sys.stderr)
+            pending = []
+            continue
+        print(flush=True)
+        pending = []
+        s = chat.last_stats
+        print(f"[{s.prompt_tokens} prompt tokens, {s.reused_tokens} from the conversation's cache, {s.vision_tiles} "
+              f"image tiles encoded, {s.new_tokens} new | time to first token {s.time_to_first_token:.2f} s | decode "
+              f"{s.decode_tokens_per_second:.2f} tokens/s]", file=sys.stderr, flush=True)
     return 0
 
 

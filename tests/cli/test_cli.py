@@ -147,3 +147,28 @@ def test_user_mistakes_exit_2_with_one_line(case, demo_dir, tmp_path):
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+def test_chat_from_stdin_answers_as_the_python_api(demo_dir, ms_cpu):
+    """generate.py --chat: turns from stdin, /image, an over-long turn refused without ending the session, /reset,
+    /exit; each answer is ChatSession's for the same turns."""
+    from mindone_idefics3 import ChatSession, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    image = str(demo_dir / "img.png")
+    lines = [f"/image {image}", "What is it?", "And the colours?", "words " * 2100, "/image nope.png", "/bogus",
+             "/reset", "Hello?", "/exit", "never read"]
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(demo_dir / "model"), "--chat",
+                        "--max-new-tokens", "8"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "GLOG_v": "3"}, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    model = Idefics3ForConditionalGeneration.from_pretrained(demo_dir / "model", progress=False)
+    chat = ChatSession(model, Idefics3Processor.from_pretrained(demo_dir / "model"), max_new_tokens=8)
+    expected = [chat.ask("What is it?", [load_image(image)]), chat.ask("And the colours?")]
+    chat.reset()
+    expected.append(chat.ask("Hello?"))
+    assert [line.strip() for line in r.stdout.splitlines()] == expected
+    stats = [line for line in r.stderr.splitlines() if "from the conversation's cache" in line]
+    assert len(stats) == 3 and " 0 from the conversation's cache" in stats[0]
+    assert " 0 from the conversation's cache, 0 image tiles encoded" not in stats[1]  # the second turn reused
+    assert "beyond the model's context" in r.stderr and "image file not found" in r.stderr
+    assert "'/bogus' is not a command" in r.stderr and "[the conversation starts again]" in r.stderr
