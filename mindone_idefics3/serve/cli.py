@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ..cli_options import add_model_arguments, run_command
+from ..cli_options import add_image_cache_argument, add_model_arguments, run_command
 from ..errors import Idefics3Error
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: idefics3-serve --model HuggingFaceTB/SmolVLM-256M-Instruct --port 8000   |   "
                "idefics3-serve --demo (tiny random model, no download)")
     add_model_arguments(p, model_required=False)
+    add_image_cache_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = a free port, printed when ready)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                  "max_image_bytes", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise Idefics3Error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.image_cache_mb is not None and args.image_cache_mb < 0:  # before the model loads, not after
+        raise Idefics3Error(f"--image-cache-mb must be >= 0 (0 = off), got {args.image_cache_mb:g}")
     with tempfile.TemporaryDirectory(prefix="idefics3-serve-demo-") as tmp:
         if args.demo:
             from ..demo import write_demo_checkpoint
@@ -132,12 +135,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, model_dir):
-    from ..cli_options import load_processor_and_model
+    """(model, processor, image cache) for the engine's worker thread; the cache's default size is the device's."""
+    from ..cli_options import image_cache, load_processor_and_model
 
     args.model = str(model_dir)
     processor, model, device, seconds = load_processor_and_model(args)
     print(f"loaded {model_dir} on {device} in {seconds:.1f} s", file=sys.stderr, flush=True)
-    return model, processor
+    return model, processor, image_cache(args, device)
 
 
 def _announce(server, engine, url: str, name: str) -> None:

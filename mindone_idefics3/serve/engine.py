@@ -5,7 +5,8 @@ waiting requests (waiting a moment for requests still being prepared, so clients
 batch) and runs them through the shared batch loop (`mindone_idefics3.runner`). Rows stop independently — at a stop
 token, a `stop` string, their own `max_tokens`, or when their client went away — and stop being streamed at once;
 the next batch starts when the last row stopped. Requests that arrive while a batch runs wait for it to end.
-Sampled rows draw from their own seeded generator, so a seed gives the same answer in any batch.
+Sampled rows draw from their own seeded generator, so a seed gives the same answer in any batch. Images are looked
+up in the engine's image-feature cache (by their pixels), so an image seen before skips the vision tower.
 
 The HTTP layer talks to the engine through `submit` (a thread-safe queue of jobs) and each job's asyncio queue of
 events (`Delta`, `Finished`, `Failed`), which the worker fills with `loop.call_soon_threadsafe`.
@@ -166,13 +167,15 @@ class Engine:
 
     def __init__(self, load: Callable[[], tuple], *, max_batch_size: int = 8, max_queue: int = 64,
                  pad_batch_to_power_of_two: bool = True, metrics: Optional[Metrics] = None):
-        """load: () -> (model, processor) on the worker thread (MindSpore is set up there). The processor decodes
-        the answers; requests are prepared elsewhere (see prepare.py)."""
+        """load: () -> (model, processor, image cache) on the worker thread (MindSpore is set up there, and the
+        device the model landed on sizes the cache). The processor decodes the answers; requests are prepared
+        elsewhere (see prepare.py). The image cache (an ImageFeatureCache, or None: none) lets a request whose
+        image was seen before skip the vision tower."""
         self._load = load
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.pad_batch = pad_batch_to_power_of_two
         self.metrics = metrics or Metrics()
-        self.model = self.processor = None
+        self.model = self.processor = self.image_cache = None
         self.ready = threading.Event()
         self.load_error: Optional[str] = None
         self._waiting: Deque[Job] = deque()
@@ -236,7 +239,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------- worker
     def _main(self) -> None:
         try:
-            self.model, self.processor = self._load()
+            self.model, self.processor, self.image_cache = self._load()
         except Exception as e:  # noqa: BLE001 - reported through /health and every request
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed:\n%s", traceback.format_exc())
@@ -318,7 +321,10 @@ class Engine:
         try:
             # one failed batch must not stop the server: every error is this batch's rows' failure
             runner.run_batch(self.model, rows, self.processor.tokenizer.pad_token_id, recoverable=(Exception,),
-                             pad_to_power_of_two=self.pad_batch, on_start=on_start, on_step=on_step, log=log)
+                             pad_to_power_of_two=self.pad_batch, image_cache=self.image_cache, on_start=on_start,
+                             on_step=on_step, log=log)
         finally:
+            if self.image_cache is not None:
+                metrics.count_image_cache(self.image_cache)
             metrics.running.set(0)
             metrics.batch_size.set(0)

@@ -30,6 +30,20 @@ class Metrics:
                               "first token", buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("idefics3_request_seconds", "From the request reaching the queue to its last "
                                  "token", buckets=LATENCY_BUCKETS, registry=r)
+        self.image_cache_hits = Counter("idefics3_image_cache_hits", "Images whose vision features came from the "
+                                        "image-feature cache (the same pixels seen before)", registry=r)
+        self.image_cache_misses = Counter("idefics3_image_cache_misses", "Images run through the vision tower "
+                                          "(not in the image-feature cache)", registry=r)
+        self._image_cache_counted = (0, 0)  # the cache's (hits, misses) already in the two counters
+
+    def count_image_cache(self, cache) -> None:
+        """Bring the image-cache counters up to the cache's own `hits` and `misses` (which only grow): each call
+        adds what the cache counted since the last, so calling it after every batch counts each lookup once."""
+        hits, misses = cache.hits, cache.misses
+        counted_hits, counted_misses = self._image_cache_counted
+        self.image_cache_hits.inc(hits - counted_hits)
+        self.image_cache_misses.inc(misses - counted_misses)
+        self._image_cache_counted = (hits, misses)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -50,6 +50,7 @@ def test_sigterm_finishes_the_running_request_then_exits_0():
     ([], "pass --model DIR_OR_REPO (or --demo)"),
     (["--demo", "--max-batch-size", "0"], "--max-batch-size must be at least 1"),
     (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
+    (["--demo", "--image-cache-mb", "-1"], "--image-cache-mb must be >= 0"),
 ])
 def test_command_line_mistakes_exit_2_with_one_message(args, message):
     r = subprocess.run([sys.executable, "-m", "mindone_idefics3.serve", *args], cwd=ROOT, capture_output=True,
@@ -63,5 +64,6 @@ def test_help_lists_the_flags():
                        text=True, timeout=60)
     for flag in ("--model", "--host", "--port", "--dtype", "--device", "--served-model-name", "--max-batch-size",
                  "--max-queue", "--max-images-per-request", "--max-prompt-tokens", "--max-tokens-limit",
-                 "--max-image-pixels", "--api-key", "--no-remote-images", "--demo", "--grace-period"):
+                 "--max-image-pixels", "--api-key", "--no-remote-images", "--demo", "--grace-period",
+                 "--image-cache-mb"):
         assert flag in r.stdout

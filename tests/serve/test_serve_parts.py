@@ -167,3 +167,25 @@ def test_a_batch_that_fails_before_its_first_token_is_retried_request_by_request
     assert [c["rows"] for c in engine.calls] == [2, 1, 1]
     assert drain(loop, good)[-1] == Finished("length", 3, 2)
     loop.close()
+
+
+class CountingCache:
+    """An image cache that finds nothing to hand over and only counts: each lookup, 2 hits and 1 miss."""
+    hits = misses = 0
+
+    def features(self, model, inputs, use_jit=True):
+        self.hits, self.misses = self.hits + 2, self.misses + 1
+        return None, 0
+
+
+def test_the_image_cache_counters_follow_the_cache_once_per_lookup(engine):
+    loop = asyncio.new_event_loop()
+    engine.image_cache = CountingCache()
+    engine.run_batch([make_job(loop, 3, 2)])
+    good, bad = make_job(loop, 3, 2), make_job(loop, 3, 2)
+    bad.prepared.inputs["input_ids"][0, 0] = 9  # a batch of 2 that fails, then each request alone: 3 lookups
+    engine.run_batch([good, bad])
+    assert (engine.image_cache.hits, engine.image_cache.misses) == (8, 4)
+    text = Metrics.render(engine.metrics).decode()
+    assert "idefics3_image_cache_hits_total 8.0" in text and "idefics3_image_cache_misses_total 4.0" in text
+    loop.close()
