@@ -37,7 +37,7 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: Optional[str]
 
 def add_image_cache_argument(p: argparse.ArgumentParser) -> None:
     """--image-cache-mb: the image-feature cache of generate.py, idefics3-batch and idefics3-serve."""
-    p.add_argument("--image-cache-mb", type=float, default=None, metavar="MB",
+    p.add_argument("--image-cache-mb", type=megabytes, default=None, metavar="MB",
                    help="keep the vision features of up to this many MB of images, so an image seen again (the same "
                         "pixels, whatever its name) skips the vision tower (default: 512 on the CPU, 2048 on "
                         "Ascend; 0 = off)")
@@ -48,9 +48,15 @@ def image_cache(args: argparse.Namespace, device: str):
     from .image_cache import DEFAULT_MB, ImageFeatureCache
 
     mb = DEFAULT_MB[device] if args.image_cache_mb is None else args.image_cache_mb
-    if mb < 0:
-        raise Idefics3Error(f"--image-cache-mb must be >= 0 (0 = off), got {mb:g}")
     return ImageFeatureCache(int(mb * 2**20))
+
+
+def megabytes(text: str) -> float:
+    """--image-cache-mb's value, refused by the parser (exit 2, before any model loads) when negative."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--image-cache-mb must be >= 0 (0 = off), got {value:g}")
+    return value
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, default_max_new_tokens: int) -> None:

@@ -76,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
                  "max_image_bytes", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise Idefics3Error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.image_cache_mb is not None and args.image_cache_mb < 0:  # before the model loads, not after
-        raise Idefics3Error(f"--image-cache-mb must be >= 0 (0 = off), got {args.image_cache_mb:g}")
     with tempfile.TemporaryDirectory(prefix="idefics3-serve-demo-") as tmp:
         if args.demo:
             from ..demo import write_demo_checkpoint
