@@ -92,12 +92,11 @@ def photo_uris(folder: Path, count: int, width: int, height: int) -> List[str]:
 
 # ----------------------------------------------------------------------------------------------- the server
 class ServerProcess:
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, options=("--no-image-splitting", "--max-batch-size", "8")):
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mindone_idefics3.serve", "--model", str(checkpoint), "--port", "0",
-             "--served-model-name", "smolvlm-256m-random", "--no-image-splitting", "--max-batch-size", "8",
-             "--dtype", "fp32", "--device", "CPU"],
+             "--served-model-name", "smolvlm-256m-random", "--dtype", "fp32", "--device", "CPU", *options],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.log: List[str] = []
         lines: "queue.Queue[str]" = queue.Queue()

@@ -38,3 +38,11 @@ def test_percentiles_and_table():
                   levels=[level, dict(level, clients=2, tokens_per_s=5.0, mean_requests_per_batch=2.0)])
     table = bench.markdown(result)
     assert "| 1 | 2 | 10.0 | 20 | 2.00 | 1.00 |" in table and "| 2 | 2 | 10.0 | 20 | 5.00 | 2.50 |" in table
+
+
+def test_image_reuse_help_documents_the_requests():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_image_reuse.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for words in ("one pixel changed", "max_tokens 1", "hit counter", "serve-image-reuse-smolvlm-256m-cpu.json"):
+        assert words in r.stdout
