@@ -46,5 +46,6 @@ def collate(samples: Sequence[Mapping[str, np.ndarray]], pad_token_id: Optional[
         pixel_values[b, :i, :, :h, :w] = sample["pixel_values"][0]
         pixel_mask[b, :i, :h, :w] = sample["pixel_attention_mask"][0]
     out["pixel_values"], out["pixel_attention_mask"] = pixel_values, pixel_mask
-    out.image_tiles = [list(s.image_tiles[0]) if s.image_tiles else [] for s in samples]
+    known = [getattr(s, "image_tiles", None) for s in samples]  # None: a plain dict that does not tell
+    out.image_tiles = [None if tiles is None else list(tiles[0]) for tiles in known]
     return out

@@ -32,10 +32,10 @@ class ProcessorOutput(dict):
     """The processor's result: a dict whose keys are also attributes (`out.input_ids`).
 
     `image_tiles` (an attribute, not a key: `**inputs` passes only the model's inputs on) holds, per prompt, the
-    number of tiles of each image, in the order of pixel_values' image axis: what tells one image's tiles from the
-    next (the image-feature cache keys its entries by image)."""
+    number of tiles of each image, in the order of pixel_values' image axis (None for a prompt whose images are not
+    told apart): what tells one image's tiles from the next (the image-feature cache keys its entries by image)."""
 
-    image_tiles: Optional[List[List[int]]] = None
+    image_tiles: Optional[List[Optional[List[int]]]] = None
 
     def __getattr__(self, name: str):
         try:

@@ -106,3 +106,19 @@ def test_rows_of_a_batch_share_their_images(ckpt_a, ms_cpu):
     np.testing.assert_array_equal(features.asnumpy(), model.get_image_features(pv, pam).asnumpy())
     out = model.generate(ids, mask, max_new_tokens=6, eos_token_id=[], image_hidden_states=features)
     np.testing.assert_array_equal(out, model.generate(ids, mask, pv, pam, max_new_tokens=6, eos_token_id=[]))
+
+
+def test_rows_that_do_not_tell_their_images_apart_count_as_one_image_each(ckpt_a, ms_cpu):
+    """Collated plain dicts (no image_tiles, e.g. fine-tuning's samples): each row's real tiles are one entry."""
+    from mindone_idefics3.processing.collate import collate
+
+    model = Model.from_pretrained(ckpt_a.path, progress=False)
+    ids, mask, pv, pam = make_batch(ckpt_a, [2, 1], [5, 9], np.random.default_rng(2))
+    rows = [dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], pixel_values=pv[b:b + 1, :k],
+                 pixel_attention_mask=pam[b:b + 1, :k]) for b, k in enumerate((2, 1))]
+    batch = collate(rows, 0)
+    assert batch.image_tiles == [None, None]
+    cache = ImageFeatureCache(2**30)
+    features, encoded = cache.features(model, batch, use_jit=False)
+    assert (cache.misses, encoded) == (2, 3)
+    np.testing.assert_array_equal(features.asnumpy(), model.get_image_features(pv, pam).asnumpy())
