@@ -105,7 +105,7 @@ def ours(job: dict) -> dict:
     """idefics3-batch's loop (no files: records collected in memory) at one batch size: cold pass, timed pass."""
     from mindone_idefics3 import Idefics3ForConditionalGeneration, Idefics3Processor
     from mindone_idefics3.batch.cli import build_parser
-    from mindone_idefics3.batch.loop import answer_rows
+    from mindone_idefics3.batch.runner import answer_rows
     from mindone_idefics3.batch.rows import read_rows
     from mindone_idefics3.cli_options import generation_options
     from mindone_idefics3.device import select_device
