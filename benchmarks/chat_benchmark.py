@@ -226,8 +226,9 @@ def run(args) -> int:
     images = {"photo": str(write_test_images(folder)["photo"]),
               "second": str(write_photo(folder, "second-photo", 640, 480, seed=7))}
     out = Path(args.out or RESULTS / f"chat-{name}-cpu.json")
-    result = dict(machine=machine, checkpoint=str(ckpt), weights="random (preset)" if args.preset else "checkpoint",
-                  precision="fp32", images=images, args=vars(args), definitions=__doc__.split("Measured per turn:")[1],
+    result = dict(machine=machine, checkpoint=shown(ckpt), weights="random (preset)" if args.preset else "checkpoint",
+                  precision="fp32", images={k: shown(v) for k, v in images.items()},
+                  args={k: shown(v) if k == "work_dir" else v for k, v in vars(args).items()}, definitions=__doc__.split("Measured per turn:")[1],
                   reference="transformers (CPU torch, eager attention), the whole conversation each turn"
                   if reference_on else None)
     script = Path(__file__).resolve()
@@ -265,6 +266,13 @@ def run(args) -> int:
     print(markdown(result))
     print(f"\nJSON: {out}")
     return 1 if failed else 0
+
+
+def shown(path) -> str:
+    """A path as the JSON records it: relative to the checkout when inside it, else its name alone."""
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parents[1]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
 
 
 def strip(row: dict) -> dict:
