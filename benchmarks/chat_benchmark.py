@@ -116,8 +116,7 @@ def ours(job: dict) -> dict:
         return dict(question=question, images=names, prompt_tokens=s.prompt_tokens, reused_tokens=s.reused_tokens,
                     vision_tiles=s.vision_tiles, processor_s=round(processed[0], 4),
                     ttft_s=round(processed[0] + s.time_to_first_token, 4),
-                    model_ttft_s=round(s.time_to_first_token, 4), vision_s=round(s.vision_seconds, 4),
-                    prefill_s=round(s.prefill_seconds, 4), new_tokens=s.new_tokens,
+                    model_ttft_s=round(s.time_to_first_token, 4), new_tokens=s.new_tokens,
                     decode_tokens_per_s=round(s.decode_tokens_per_second, 3), answer=answer,
                     conversation=chat.messages[:-1])
 
