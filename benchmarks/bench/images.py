@@ -48,3 +48,13 @@ def write_test_images(directory: Path) -> Dict[str, Path]:
         paths[name] = directory / f"{name}-{width}x{height}.jpg"
         Image.fromarray(synthetic_photo(width, height, seed)).save(paths[name], quality=90)
     return paths
+
+
+def write_photo(directory: Path, name: str, width: int, height: int, seed: int) -> Path:
+    """One more photo-like JPEG (another seed: another picture), e.g. a second photo of the test photo's size."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{width}x{height}.jpg"
+    Image.fromarray(synthetic_photo(width, height, seed)).save(path, quality=90)
+    return path
