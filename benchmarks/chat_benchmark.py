@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 
 from bench import RESULTS, Refused
 from bench.args import add_checkpoint_args, add_threads_arg, checked, use_threads
