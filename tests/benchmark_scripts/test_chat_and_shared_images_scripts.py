@@ -4,25 +4,13 @@ figures: the conversation's later turns reuse the cache and encode only new imag
 once each, and every answer equals transformers'."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from script_runs import run_script
+
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "GLOG_v": "3"}
-
-
-def run_script(name, *args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("bench")
 
 
 def test_help_tells_what_is_measured():

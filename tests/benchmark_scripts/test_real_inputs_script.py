@@ -2,25 +2,14 @@
 the same inputs and greedy ids on both sides; and the SmolVLM preset's processor settings on the test photo."""
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from script_runs import run_script
+
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "GLOG_v": "3"}
-
-
-def run_script(name, *args, timeout=240):
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("bench")
 
 
 @pytest.fixture(scope="module")
