@@ -13,6 +13,11 @@ from script_runs import run_script
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
 def test_help_tells_what_is_measured():
     for name, args, words in (
             ("chat_benchmark.py", [], ("--turns", "--max-new-tokens", "--second-image", "TTFT", "reused",

@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
 def real_run(work):
     out = work / "real.json"
     r = run_script("real_inputs.py", "--preset", "tiny", "--cases", "two-images-batch", "--repeats", "1",
