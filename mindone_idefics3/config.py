@@ -220,23 +220,27 @@ class Idefics3Config:
     scale_factor: int
     image_token_id: int
     pad_token_id: Optional[int] = None
+    # "smolvlm" (SmolVLM2) has the same architecture, config fields and defaults as "idefics3" in transformers
+    # 4.57.1 (SmolVLMConfig subclasses Idefics3Config unchanged); its processor adds videos.
+    model_type: str = "idefics3"
 
     HF_DEFAULTS = dict(scale_factor=2, image_token_id=128257, pad_token_id=128002)
+    MODEL_TYPES = ("idefics3", "smolvlm")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Idefics3Config":
         if not isinstance(data, dict):
             raise Idefics3Error("config.json must hold a JSON object")
         model_type = data.get("model_type")
-        if model_type != "idefics3":
-            raise Idefics3Error(f"config.json has model_type {model_type!r}, expected 'idefics3' "
-                                "(Idefics3 and SmolVLM checkpoints); this is not an Idefics3 checkpoint")
+        if not isinstance(model_type, str) or model_type not in cls.MODEL_TYPES:
+            raise Idefics3Error(f"config.json has model_type {model_type!r:.80}, expected 'idefics3' (Idefics3, "
+                                "SmolVLM) or 'smolvlm' (SmolVLM2); this is not an Idefics3-family checkpoint")
         if "text_config" not in data:
             raise Idefics3Error("config.json is missing 'text_config'")
         vision = VisionConfig.from_dict({} if data.get("vision_config") is None else data["vision_config"])
         text = TextConfig.from_dict(data["text_config"])
         top = {k: data.get(k, v) for k, v in cls.HF_DEFAULTS.items()}
-        cfg = cls(vision_config=vision, text_config=text, **top)
+        cfg = cls(vision_config=vision, text_config=text, model_type=model_type, **top)
         _check_positive_ints(cfg, "config", ("scale_factor",))
         _check_token_ids(cfg, "config", ("image_token_id", "pad_token_id"))
         if vision.patches_per_side % cfg.scale_factor:

@@ -16,8 +16,9 @@ from .errors import Idefics3Error
 # A whole model directory: config, weights, processor, tokenizer, chat template, generation config.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 # What the processor needs (config.json for image_seq_len): no weights.
-PROCESSOR_FILES = ["preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "config.json"]
+PROCESSOR_FILES = ["preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
+                   "chat_template.jinja", "config.json"]
 
 
 def looks_like_repo_id(name: str) -> bool:

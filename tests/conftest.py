@@ -42,15 +42,23 @@ SHAPES = {
 }
 
 
-def write_reference_checkpoint(path, shape: str = "a", seed: int = 0, **save_kwargs):
-    """Write a random-weight transformers Idefics3 checkpoint (safetensors) to `path`; returns the HF model."""
-    import torch
-    from transformers import Idefics3Config
-    from transformers import Idefics3ForConditionalGeneration as HFModel
+def reference_classes(model_type: str = "idefics3"):
+    """transformers' (config class, model class) of a model_type: Idefics3's, or SmolVLM's (SmolVLM2)."""
+    import transformers
 
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[model_type]
+    return getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForConditionalGeneration")
+
+
+def write_reference_checkpoint(path, shape: str = "a", seed: int = 0, model_type: str = "idefics3", **save_kwargs):
+    """Write a random-weight transformers checkpoint (safetensors) to `path` with Idefics3's classes, or with
+    SmolVLM's (`model_type="smolvlm"`); returns the HF model."""
+    import torch
+
+    Config, HFModel = reference_classes(model_type)
     torch.manual_seed(seed)
     spec = SHAPES[shape]
-    cfg = Idefics3Config(image_token_id=IMAGE_TOKEN, pad_token_id=0, **{k: dict(v) if isinstance(v, dict) else v
+    cfg = Config(image_token_id=IMAGE_TOKEN, pad_token_id=0, **{k: dict(v) if isinstance(v, dict) else v
                                                                         for k, v in spec.items()})
     model = HFModel(cfg).eval()
     # Non-trivial norms, so a mix-up of norm weights cannot hide.
@@ -79,8 +87,7 @@ class Checkpoint:
     def reference(self):
         """transformers' model on the same files (eager attention), loaded once."""
         if self._ref is None:
-            from transformers import Idefics3ForConditionalGeneration as HFModel
-
+            _, HFModel = reference_classes(self.config["model_type"])
             self._ref = HFModel.from_pretrained(str(self.path), attn_implementation="eager").eval()
         return self._ref
 
@@ -96,6 +103,14 @@ def ckpt_a(tmp_path_factory):
 def ckpt_b(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt_b")
     write_reference_checkpoint(path, "b", seed=1)
+    return Checkpoint(path, "b")
+
+
+@pytest.fixture(scope="session")
+def ckpt_smolvlm(tmp_path_factory):
+    """Shape "b" (scale 4, as SmolVLM2-256M/500M) written by transformers' SmolVLM classes (model_type smolvlm)."""
+    path = tmp_path_factory.mktemp("ckpt_smolvlm")
+    write_reference_checkpoint(path, "b", seed=2, model_type="smolvlm")
     return Checkpoint(path, "b")
 
 

@@ -1,10 +1,11 @@
 """Helpers for comparing with the reference (transformers on CPU torch), used by the tests and the benchmarks.
 
 `corrected_position_ids`: transformers 4.55–4.57 buckets vision patch rows/cols with `k / nb · (1 − 1e−6)` in
-fp32, which maps a full tile to 0,0,1,…,N−2 instead of the identity the checkpoints were trained with (their PRs
-41371/41374/47133). Inside this context manager `Idefics3VisionEmbeddings.forward` uses the integer rule of
-docs/design.md §2 — row k → min(k·N // nb, N−1) — so both sides compute the same, correct thing. Everything else
-in the reference runs unmodified. Needs torch and transformers (the `test` extra); importing this module does not.
+fp32 (in Idefics3's embeddings and in SmolVLM's copy of them), which maps a full tile to 0,0,1,…,N−2 instead of
+the identity the checkpoints were trained with (their PRs 41371/41374/47133). Inside this context manager their
+`forward` uses the integer rule of docs/design.md §2 — row k → min(k·N // nb, N−1) — so both sides compute the
+same, correct thing. Everything else in the reference runs unmodified. Needs torch and transformers (the `test`
+extra); importing this module does not.
 """
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ def _corrected_embeddings_forward(self, pixel_values, patch_attention_mask):
 
 @contextlib.contextmanager
 def corrected_position_ids():
-    """Run transformers' Idefics3 with the correct (integer) vision position ids while inside."""
+    """Run transformers' Idefics3 and SmolVLM with the correct (integer) vision position ids while inside
+    (SmolVLM's modeling file holds its own copy of Idefics3's embeddings, with the same bug)."""
     from transformers.models.idefics3 import modeling_idefics3
+    from transformers.models.smolvlm import modeling_smolvlm
 
-    original = modeling_idefics3.Idefics3VisionEmbeddings.forward
-    modeling_idefics3.Idefics3VisionEmbeddings.forward = _corrected_embeddings_forward
+    classes = (modeling_idefics3.Idefics3VisionEmbeddings, modeling_smolvlm.SmolVLMVisionEmbeddings)
+    originals = [cls.forward for cls in classes]
+    for cls in classes:
+        cls.forward = _corrected_embeddings_forward
     try:
         yield
     finally:
-        modeling_idefics3.Idefics3VisionEmbeddings.forward = original
+        for cls, original in zip(classes, originals):
+            cls.forward = original
