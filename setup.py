@@ -28,8 +28,13 @@ setup(
         # The reference implementation every parity test compares against (CPU torch wheel).
         # peft: the LoRA reference and adapter format of the fine-tuning tests. The server tests start the real
         # server (the serve extra) and talk to it with the openai client and httpx.
+        # The video tests write clips with PyAV and compare with transformers' SmolVLM video code (num2words).
         "test": ["pytest>=7", "hypothesis>=6.100", "torch==2.13.0", "transformers==4.57.1", "peft==0.21.2",
-                 "openai>=1.40", "httpx>=0.27", "fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus_client>=0.20,<1"],
+                 "openai>=1.40", "httpx>=0.27", "fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus_client>=0.20,<1",
+                 "av>=12", "num2words>=0.5.10"],
+        # SmolVLM2 videos: PyAV decodes them (FFmpeg inside its wheels); num2words spells the frame count in the
+        # prompt, as transformers' SmolVLMProcessor does.
+        "video": ["av>=12", "num2words>=0.5.10"],
         # idefics3-serve: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.110,<1", "uvicorn>=0.29,<1", "prometheus_client>=0.20,<1"],
         "plot": ["matplotlib"],

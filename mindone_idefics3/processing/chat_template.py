@@ -80,9 +80,9 @@ def normalize_conversation(conversation: Conversation) -> List[Dict[str, Any]]:
             raise Idefics3Error(f"message {i} content must be a string or a list of items like {{'type': 'text', "
                                 f"'text': '...'}} / {{'type': 'image'}}, got {content!r:.80}")
         for j, item in enumerate(content):
-            if item["type"] not in ("text", "image"):
+            if item["type"] not in ("text", "image", "video"):
                 raise Idefics3Error(f"message {i} item {j} has type {item['type']!r:.40}; Idefics3 takes 'text' "
-                                    "and 'image' items")
+                                    "and 'image' items (and SmolVLM2 'video' items)")
             if item["type"] == "text" and not isinstance(item.get("text"), str):
                 raise Idefics3Error(f"message {i} item {j} (type 'text') needs a string 'text', got "
                                     f"{item.get('text')!r:.80}")
@@ -141,9 +141,11 @@ def select_template(templates: Union[str, Dict[str, str], None], name: Optional[
     return templates["default"]
 
 
-def question_turns(prompt: str, num_images: int, system: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The conversation for one question about images: an optional system turn, then one user turn holding the
-    images first and the text after them (the model card's layout)."""
+def question_turns(prompt: str, num_images: int, system: Optional[str] = None, num_videos: int = 0
+                   ) -> List[Dict[str, Any]]:
+    """The conversation for one question about images (or videos): an optional system turn, then one user turn
+    holding the images (videos) first and the text after them (the model card's layout)."""
     messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)] + \
+        [{"type": "text", "text": prompt}]
     return messages + [{"role": "user", "content": content}]

@@ -56,31 +56,32 @@ def load_image(source: ImageSource, timeout: float = URL_TIMEOUT_SECONDS,
     return _decode_file(Path(source).expanduser())
 
 
-def _download(url: str, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
+def _download(url: str, timeout: float, max_bytes: int = MAX_DOWNLOAD_BYTES, what: str = "image") -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mindone_idefics3"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = response.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
-        raise Idefics3Error(f"cannot download image {url}: HTTP {e.code} {e.reason}; check the URL, or download the "
-                            "image and pass its local path") from None
+        raise Idefics3Error(f"cannot download {what} {url}: HTTP {e.code} {e.reason}; check the URL, or download "
+                            f"the {what} and pass its local path") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise Idefics3Error(f"cannot download image {url}: {reason} (timeout {timeout:g} s); check the network, or "
-                            "download the image and pass its local path") from None
+        raise Idefics3Error(f"cannot download {what} {url}: {reason} (timeout {timeout:g} s); check the network, or "
+                            f"download the {what} and pass its local path") from None
     if len(data) > max_bytes:
-        raise Idefics3Error(f"image {url} is larger than {max_bytes / 2**20:g} MiB; download and shrink it first")
+        raise Idefics3Error(f"{what} {url} is larger than {max_bytes / 2**20:g} MiB; download and shrink it first")
     return data
 
 
-def _data_uri_bytes(uri: str) -> bytes:
+def _data_uri_bytes(uri: str, what: str = "image") -> bytes:
     header, _, payload = uri.partition(",")
     if not header.endswith(";base64") or not payload:
-        raise Idefics3Error("a data: URI image must look like 'data:image/png;base64,<base64 data>'")
+        example = "image/png" if what == "image" else "video/mp4"
+        raise Idefics3Error(f"a data: URI {what} must look like 'data:{example};base64,<base64 data>'")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise Idefics3Error("the data: URI image is not valid base64") from None
+        raise Idefics3Error(f"the data: URI {what} is not valid base64") from None
 
 
 def _decode_file(path: Path) -> Image.Image:

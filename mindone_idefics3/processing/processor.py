@@ -1,7 +1,11 @@
-"""`Idefics3Processor`: prompts + images → input_ids, attention_mask, pixel_values, pixel_attention_mask.
+"""`Idefics3Processor`: prompts + images (or videos) → input_ids, attention_mask, pixel_values,
+pixel_attention_mask.
 
 Equal to transformers' `Idefics3Processor` (4.57.1) for the same checkpoint files (see image.py, tokenizer.py and
-chat_template.py for the few documented differences), with numpy, Pillow, tokenizers and jinja2 only.
+chat_template.py for the few documented differences), with numpy, Pillow, tokenizers and jinja2 only. For SmolVLM2
+checkpoints (`SmolVLMProcessor`, whose image path is Idefics3's) it also takes videos as `SmolVLMProcessor` does
+(video.py): each `<video>` tag becomes the frames' timestamped blocks, the frames one unsplit tile each on the
+image axis. As in transformers, one call takes images or videos, not both.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from .image_io import load_image
 from .prompt import ImageTokens, expand_prompt, group_images
 from ..files import read_json
 from .tokenizer import TextTokenizer
+from .video import VIDEO_CHAT_TEMPLATE, Video, VideoSettings, expand_video_prompt, load_video
 
 DEFAULT_IMAGE_SEQ_LEN = 169  # transformers' default: Idefics3-8B (364 / 14 patches, scale factor 2)
 PROCESSOR_OPTIONS = ("image_seq_len", "chat_template")
@@ -51,10 +56,13 @@ class Idefics3Processor:
     fake_image_token = "<fake_token_around_image>"
     global_image_token = "<global-img>"
     end_of_utterance_token = "<end_of_utterance>"
+    video_token = "<video>"
 
     def __init__(self, image_processor: Idefics3ImageProcessor, tokenizer: TextTokenizer,
-                 image_seq_len: int = DEFAULT_IMAGE_SEQ_LEN, chat_template: Union[str, Dict[str, str], None] = None):
+                 image_seq_len: int = DEFAULT_IMAGE_SEQ_LEN, chat_template: Union[str, Dict[str, str], None] = None,
+                 video_settings: Optional[VideoSettings] = None):
         self.image_processor = image_processor
+        self.video_settings = video_settings  # None: the checkpoint's processor takes no videos (Idefics3's)
         self.tokenizer = tokenizer
         self.image_seq_len = _image_seq_len(image_seq_len)
         self.chat_template = chat_template
@@ -100,7 +108,8 @@ class Idefics3Processor:
             chat_template = overrides["chat_template"]
         else:
             chat_template = _processor_chat_template(directory, processor_config) or tokenizer.chat_template
-        return cls(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template)
+        return cls(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template,
+                   video_settings=_video_settings(directory, read_json(preprocessor_file), processor_config))
 
     # ------------------------------------------------------------------------------------------- processing
     def __call__(self, text: Union[str, Sequence[str], None] = None, images=None, *,
@@ -108,7 +117,8 @@ class Idefics3Processor:
                  padding_side: Optional[str] = None, add_special_tokens: bool = True,
                  max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
                  image_seq_len: Optional[int] = None, size=None, max_image_size=None,
-                 do_image_splitting: Optional[bool] = None) -> ProcessorOutput:
+                 do_image_splitting: Optional[bool] = None, videos=None, fps: Optional[float] = None,
+                 max_frames: Optional[int] = None) -> ProcessorOutput:
         """Model inputs for a prompt (or a batch of prompts) and their images.
 
         text: a prompt or a list of prompts; each `<image>` tag is expanded for the image in its place.
@@ -118,6 +128,9 @@ class Idefics3Processor:
         padding: False (a batch must then have equal lengths), True/"longest" or "max_length" (with max_length);
             padding_side defaults to the tokenizer's ("left" unless its config says otherwise).
         size / max_image_size / do_image_splitting: per-call image options (e.g. size={"longest_edge": 2 * 364}).
+        videos (SmolVLM2 checkpoints): one video, a flat list (in prompt order) or one list per prompt, each `<video>`
+            tag's; a video is a file path, an http(s) URL, a data: URI, the file's bytes or a loaded `Video`.
+            fps / max_frames: per-call frame sampling (the checkpoint's `video_sampling` otherwise).
 
         Returns input_ids and attention_mask (B, S) int64, pixel_values (B, I, 3, H, W) float32 and
         pixel_attention_mask (B, I, H, W) int64 (I = the most tiles of any prompt; the rest are zero images).
@@ -135,6 +148,10 @@ class Idefics3Processor:
                 raise Idefics3Error(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
             self.tokenizer.check_padding(padding, padding_side, max_length, pad_to_multiple_of)
         image_options = self.image_processor.call_options(size, max_image_size, do_image_splitting)
+        if videos is not None:
+            return self._video_call(prompts, images, videos, seq_len, fps, max_frames, return_tensors,
+                                    dict(padding=padding, padding_side=padding_side, max_length=max_length,
+                                         pad_to_multiple_of=pad_to_multiple_of), add_special_tokens)
         batch = self._image_batch(prompts, images, *image_options)
 
         out = ProcessorOutput()
@@ -147,14 +164,54 @@ class Idefics3Processor:
         if batch is not None:
             prompts = [expand_prompt(p, r, c, seq_len, self._tokens)
                        for p, r, c in zip(prompts, batch.rows, batch.cols)]
+        self._tokenize(out, prompts, add_special_tokens, return_tensors, dict(
+            padding=padding, padding_side=padding_side, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of))
+        return _convert(out, return_tensors)
+
+    def _tokenize(self, out: ProcessorOutput, prompts: List[str], add_special_tokens: bool,
+                  return_tensors: Optional[str], pad: dict) -> None:
         ids = self.tokenizer.encode_batch(prompts, add_special_tokens=add_special_tokens)
-        if return_tensors is None and padding in (False, None, "do_not_pad"):
+        if return_tensors is None and pad["padding"] in (False, None, "do_not_pad"):
             out["input_ids"], out["attention_mask"] = ids, [[1] * len(row) for row in ids]
         else:
-            out["input_ids"], out["attention_mask"] = self.tokenizer.pad(
-                ids, padding=padding, padding_side=padding_side, max_length=max_length,
-                pad_to_multiple_of=pad_to_multiple_of)
+            out["input_ids"], out["attention_mask"] = self.tokenizer.pad(ids, **pad)
+
+    def _video_call(self, prompts, images, videos, seq_len: int, fps, max_frames, return_tensors, pad: dict,
+                    add_special_tokens: bool) -> ProcessorOutput:
+        """SmolVLMProcessor's video path: the frames of each prompt's videos in tag order as one-tile images."""
+        if self.video_settings is None:
+            raise Idefics3Error("this checkpoint's processor takes no videos (it is an Idefics3Processor: no "
+                                "video_sampling in preprocessor_config.json); use a SmolVLM2 checkpoint")
+        if images is not None and (not isinstance(images, (list, tuple)) or any(
+                (list(i) if isinstance(i, (list, tuple)) else [i]) for i in images)):
+            raise Idefics3Error("pass images or videos in one call, not both (as transformers' SmolVLMProcessor); "
+                                "process them as separate requests")
+        if prompts is None:
+            raise Idefics3Error("videos need text: pass text=... with one <video> tag per video")
+        settings = self.video_settings.with_options(fps, max_frames)
+        counts = [p.count(self.video_token) for p in prompts]
+        flat = list(videos) if isinstance(videos, (list, tuple)) else [videos]
+        grouped = group_images(flat, counts, tag=self.video_token, kind="video")
+        loaded = [[v if isinstance(v, Video) else load_video(v, settings) for v in sample] for sample in grouped]
+        all_videos = [v for sample in loaded for v in sample]
+        if not all_videos:
+            raise Idefics3Error("videos is empty; pass one video per <video> tag")
+        frame_count = max(len(v.indices) for v in all_videos)  # transformers: pixel_values' frame axis
+        out = ProcessorOutput()
+        frames = [[frame for v in sample for frame in v.frames] for sample in loaded]
+        if any(frames):
+            out["pixel_values"], out["pixel_attention_mask"] = self.image_processor.pad_and_normalize(frames)
+        out.image_tiles = [[1] * len(sample) for sample in frames]
+        prompts = [expand_video_prompt(p, sample, frame_count, seq_len, self._tokens, self.video_token)
+                   for p, sample in zip(prompts, loaded)]
+        self._tokenize(out, prompts, add_special_tokens, return_tensors, pad)
         return _convert(out, return_tensors)
+
+    def load_video(self, source, fps: Optional[float] = None, max_frames: Optional[int] = None) -> Video:
+        """Decode a video's chosen frames with this checkpoint's settings (for the `videos` of several calls)."""
+        if self.video_settings is None:
+            raise Idefics3Error("this checkpoint's processor takes no videos (it is an Idefics3Processor)")
+        return load_video(source, self.video_settings.with_options(fps, max_frames))
 
     def _image_batch(self, prompts: Optional[List[str]], images, size, max_image_size, do_image_splitting):
         counts = None if prompts is None else [p.count(self.image_token) for p in prompts]
@@ -186,24 +243,33 @@ class Idefics3Processor:
         """The prompt text for a conversation (or a list of conversations → a list of texts).
 
         Messages look like {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]};
-        each image item becomes an `<image>` tag, to be given with the images to `__call__`.
+        each image item becomes an `<image>` tag, to be given with the images to `__call__`; a {"type": "video"}
+        item a `<video>` tag (SmolVLM2). As transformers' SmolVLMProcessor, a conversation with a video is rendered
+        with SmolVLM's video template unless `chat_template` is given.
         chat_template: a template text, or the name of one of the checkpoint's templates.
         """
-        template = templates.select_template(self.chat_template, chat_template)
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and \
             isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
+        if chat_template is None and self.video_settings is not None and _has_video(conversations):
+            chat_template = VIDEO_CHAT_TEMPLATE
+        template = templates.select_template(self.chat_template, chat_template)
         rendered = [templates.render(template, c, add_generation_prompt=add_generation_prompt,
                                      continue_final_message=continue_final_message,
                                      special_tokens=self.tokenizer.special_tokens_map, **template_kwargs)
                     for c in conversations]
         return rendered if batched else rendered[0]
 
-    def chat_inputs(self, messages, images: Sequence = ()) -> ProcessorOutput:
+    def chat_inputs(self, messages, images: Sequence = (), videos: Sequence = (), *, fps: Optional[float] = None,
+                    max_frames: Optional[int] = None) -> ProcessorOutput:
         """Model inputs (numpy, a batch of one) for a conversation whose next turn the model writes: the chat
-        template with the generation prompt, and the images in the order of the conversation's image items.
-        The one way the command line, batch inference and the server turn a request into model inputs."""
+        template with the generation prompt, and the images (or videos) in the order of the conversation's image
+        (video) items. The one way the command line, batch inference and the server turn a request into model
+        inputs."""
         prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        if len(videos):
+            return self(text=prompt, images=[list(images)] if len(images) else None, videos=[list(videos)],
+                        fps=fps, max_frames=max_frames, return_tensors="np")
         return self(text=prompt, images=[list(images)] if len(images) else None, return_tensors="np")
 
     def decode(self, ids, skip_special_tokens: bool = False, **kwargs) -> str:
@@ -214,6 +280,26 @@ class Idefics3Processor:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _video_settings(directory: Path, preprocessor: dict, processor_config: dict) -> Optional[VideoSettings]:
+    """SmolVLM2's video settings (video_preprocessor_config.json, else preprocessor_config.json's
+    video_sampling), or None for a checkpoint whose processor takes no videos."""
+    video_file = directory / "video_preprocessor_config.json"
+    if video_file.is_file():
+        return VideoSettings.from_config(read_json(video_file))
+    smolvlm = "SmolVLM" in str(preprocessor.get("processor_class", processor_config.get("processor_class", "")))
+    if "video_sampling" in preprocessor or smolvlm:
+        return VideoSettings.from_config(preprocessor)
+    return None
+
+
+def _has_video(conversations) -> bool:
+    return any(isinstance(item, dict) and item.get("type") == "video"
+               for conversation in conversations if isinstance(conversation, (list, tuple))
+               for message in conversation if isinstance(message, dict)
+               and isinstance(message.get("content"), (list, tuple))
+               for item in message["content"])
+
+
 def _processor_chat_template(directory: Path, processor_config: dict):
     """transformers' order: chat_template.json, else chat_template.jinja, else processor_config.json's key."""
     legacy = directory / "chat_template.json"

@@ -51,8 +51,8 @@ def image_token_count(rows: int, cols: int, image_seq_len: int) -> int:
     return (image_seq_len + 3) + ((image_seq_len + 2) * cols + 1) * rows
 
 
-def group_images(images: list, counts: Sequence[int]) -> List[list]:
-    """Images for a batch of prompts with `counts[b]` `<image>` tags each.
+def group_images(images: list, counts: Sequence[int], tag: str = "<image>", kind: str = "image") -> List[list]:
+    """Images (or videos: `tag`, `kind`) for a batch of prompts with `counts[b]` tags each.
 
     Accepts what transformers accepts: one list per prompt (checked against the counts), or one flat list cut in
     prompt order. Every mismatch names both counts and says what to pass.
@@ -61,19 +61,20 @@ def group_images(images: list, counts: Sequence[int]) -> List[list]:
     if all(nested) and images:
         given = [len(sample) for sample in images]
         if len(given) != len(counts):
-            raise Idefics3Error(f"images has {len(given)} lists (one per prompt) but there are {len(counts)} prompts")
+            raise Idefics3Error(f"{kind}s has {len(given)} lists (one per prompt) but there are {len(counts)} "
+                                "prompts")
         bad = [b for b, (n, k) in enumerate(zip(counts, given)) if n != k]
         if bad:
             b = bad[0]
-            raise Idefics3Error(f"prompt {b} has {counts[b]} <image> tags but {given[b]} images were given for it "
-                                f"(image tags per prompt: {list(counts)}, images per prompt: {given}); put one "
-                                "<image> in the text per image (apply_chat_template writes one per "
-                                "{'type': 'image'} item)")
+            raise Idefics3Error(f"prompt {b} has {counts[b]} {tag} tags but {given[b]} {kind}s were given for it "
+                                f"({tag} tags per prompt: {list(counts)}, {kind}s per prompt: {given}); put one "
+                                f"{tag} in the text per {kind} (apply_chat_template writes one per "
+                                f"{{'type': '{kind}'}} item)")
         return [list(sample) for sample in images]
     if any(nested):
-        raise Idefics3Error("images must be a flat list of images or one list of images per prompt, not a mix")
+        raise Idefics3Error(f"{kind}s must be a flat list of {kind}s or one list of {kind}s per prompt, not a mix")
     if sum(counts) != len(images):
-        raise Idefics3Error(f"the prompts have {sum(counts)} <image> tags in total ({list(counts)} per prompt) but "
-                            f"{len(images)} images were given; pass one image per <image> tag")
+        raise Idefics3Error(f"the prompts have {sum(counts)} {tag} tags in total ({list(counts)} per prompt) but "
+                            f"{len(images)} {kind}s were given; pass one {kind} per {tag} tag")
     starts = [0, *accumulate(counts)]
     return [list(images[starts[b]:starts[b + 1]]) for b in range(len(counts))]
