@@ -52,7 +52,7 @@ def smolvlm_dir(tmp_path_factory):
                size={"longest_edge": 4 * 32}, max_image_size={"longest_edge": 32},
                video_sampling={"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 32}})
     return write_checkpoint(tmp_path_factory.mktemp("smolvlm") / "ckpt", tok, image_seq_len=SEQ_LEN,
-                            preprocessor=pre)
+                            preprocessor=pre, tokenizer_config=dict(padding_side="left"))
 
 
 def reference_read(path, fps, max_frames):
@@ -242,3 +242,39 @@ def test_missing_pyav_names_the_extra(monkeypatch, clips):
     monkeypatch.setattr(builtins, "__import__", no_av)
     with pytest.raises(Idefics3Error, match=r'pip install "mindone_idefics3\[video\]"'):
         load_video(clips["shorter_than_window"])
+
+
+# ------------------------------------------------------------------------------------------- the image path
+def smolvlm_reference_processor(directory, monkeypatch, image_seq_len=SEQ_LEN):
+    """transformers' SmolVLMProcessor on the same files: the slow (exact) SmolVLMImageProcessor, the tokenizer, and
+    a SmolVLMVideoProcessor built on the torchvision stand-in (only constructed: the image path never uses it).
+    transformers resolves the video processor's class to a placeholder (torchvision was missing when it was
+    imported), so the class check of the processor's arguments is bypassed here, and only here."""
+    import json
+
+    from transformers import AutoTokenizer, SmolVLMImageProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    VideoProcessor, Processor, _, _ = smolvlm_reference()
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: type(arg))
+    pre = json.loads((directory / "preprocessor_config.json").read_text())
+    return Processor(SmolVLMImageProcessor(**pre), AutoTokenizer.from_pretrained(str(directory)),
+                     VideoProcessor(**pre), image_seq_len=image_seq_len)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "nosplit"])
+def test_image_path_equals_smolvlm_processor(smolvlm_dir, split, monkeypatch):
+    from processor_fixtures import make_image
+
+    ours = Idefics3Processor.from_pretrained(smolvlm_dir)
+    ref = smolvlm_reference_processor(smolvlm_dir, monkeypatch)
+    ref.image_processor.do_image_splitting = split
+    images = [[make_image(100, 70, seed=1), make_image(20, 90, seed=2)], [], [make_image(128, 128, seed=3)]]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": "What differs?"}]}]
+    prompts = [ours.apply_chat_template(messages, add_generation_prompt=True), "no image here", "<image>and this"]
+    expected = ref(text=prompts, images=images, padding=True, return_tensors="np", do_image_splitting=split)
+    got = ours(text=prompts, images=images, padding=True, do_image_splitting=split)
+    for key in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"):
+        assert got[key].shape == expected[key].shape, key
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
