@@ -1,4 +1,5 @@
-"""`generate.py` / `idefics3-generate`: ask an Idefics3 (or SmolVLM) model about one or more images."""
+"""`generate.py` / `idefics3-generate`: ask an Idefics3 (or SmolVLM) model about one or more images, or a
+SmolVLM2 model about a video."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, DEFAULT_MODEL)
     p.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
                    help="an image file or http(s) URL; repeat for several images (they go before the prompt)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH_OR_URL",
+                   help="a video file or http(s) URL (SmolVLM2 checkpoints; needs the `video` extra); frames are "
+                        "sampled as the checkpoint says (SmolVLM2: 1 per second, at most 64) unless --fps / "
+                        "--max-frames say otherwise. Not with --image or --chat")
+    p.add_argument("--fps", type=float, default=None, help="video frames sampled per second")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="at most N video frames")
     p.add_argument("--prompt", default="Describe the image.", help="the question or instruction")
     p.add_argument("--system", default=None, metavar="TEXT", help="an optional system turn before the user turn")
     add_sampling_arguments(p, default_max_new_tokens=500)
@@ -60,6 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     check_max_new_tokens(args)
+    _check_video_arguments(args)
     with tempfile.TemporaryDirectory(prefix="idefics3-demo-") as tmp:
         if args.demo:
             from .demo import write_demo_checkpoint, write_demo_image
@@ -85,8 +93,10 @@ def _answer(args: argparse.Namespace) -> int:
     t_images = time.perf_counter()
     images = [load_image(src) for src in args.image]  # bad images fail before the slow model load
     processor, model, device, load_seconds = load_processor_and_model(args)
-    messages = question_turns(args.prompt, len(images), args.system)
-    inputs = processor.chat_inputs(messages, images)
+    # videos are decoded once the processor is there: the checkpoint says how to sample and size their frames
+    videos = [processor.load_video(src, args.fps, args.max_frames) for src in args.video]
+    messages = question_turns(args.prompt, len(images), args.system, num_videos=len(videos))
+    inputs = processor.chat_inputs(messages, images, videos)
     # reading the images, loading the processor and running the prompt through it: all but the model's load
     processor_seconds = time.perf_counter() - t_images - load_seconds
     gen_kwargs = dict(generation_options(args), use_jit=not args.no_jit)
@@ -133,6 +143,22 @@ def _answer(args: argparse.Namespace) -> int:
               f"{report['first_step_seconds']:.2f} s) | peak host memory {report['peak_host_memory_mb']:.0f} MB | "
               f"{device} {report['dtype']}]", file=sys.stderr)
     return 0
+
+
+def _check_video_arguments(args: argparse.Namespace) -> None:
+    from .errors import Idefics3Error
+
+    if args.video and args.image:
+        raise Idefics3Error("--video and --image cannot be combined (SmolVLM's processor takes images or videos in "
+                            "one request, not both)")
+    if args.video and args.chat:
+        raise Idefics3Error("--video works for one question, not with --chat")
+    if (args.fps is not None or args.max_frames is not None) and not args.video:
+        raise Idefics3Error("--fps and --max-frames apply to --video; pass a video")
+    if args.fps is not None and not args.fps > 0:
+        raise Idefics3Error(f"--fps must be a positive number of frames per second, got {args.fps:g}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise Idefics3Error(f"--max-frames must be at least 1, got {args.max_frames}")
 
 
 def _chat(args: argparse.Namespace) -> int:

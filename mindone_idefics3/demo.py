@@ -57,6 +57,23 @@ def write_demo_checkpoint(path: Union[str, Path], seed: int = 0) -> Path:
     return write_random_model(path, vision, text, 2, longest_edge=2 * vision["image_size"], seed=seed)
 
 
+def make_smolvlm2(path: Union[str, Path], fps: float = 1, max_frames: int = 64) -> Path:
+    """Turn a checkpoint written here into a SmolVLM2 one: model_type "smolvlm" (the same weights and config
+    fields) and SmolVLM2's processor files (`video_sampling` in preprocessor_config.json, SmolVLMProcessor), with
+    video frames the size of its tiles."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    _write_json(path / "config.json", dict(config, model_type="smolvlm",
+                                           architectures=["SmolVLMForConditionalGeneration"]))
+    pre = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
+    _write_json(path / "preprocessor_config.json", dict(
+        pre, image_processor_type="SmolVLMImageProcessor", processor_class="SmolVLMProcessor",
+        video_sampling=dict(fps=fps, max_frames=max_frames, video_size=pre["max_image_size"])))
+    processor = json.loads((path / "processor_config.json").read_text(encoding="utf-8"))
+    _write_json(path / "processor_config.json", dict(processor, processor_class="SmolVLMProcessor"))
+    return path
+
+
 def special_token_ids(tok) -> Dict[str, int]:
     """Ids of SPECIAL_TOKENS in a tokenizer made by `build_tokenizer`."""
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}

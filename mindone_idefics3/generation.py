@@ -310,7 +310,8 @@ def generate_steps(model, input_ids, attention_mask=None, pixel_values=None, pix
     if s + longest > context:
         raise Idefics3Error(f"the prompt has {s} tokens; with max_new_tokens={longest} that is "
                             f"{s + longest}, beyond the model's context of {context} tokens: shorten the "
-                            "prompt, use fewer/smaller images (a smaller longest_edge) or lower max_new_tokens")
+                            "prompt, use fewer/smaller images (a smaller longest_edge), fewer video frames (max_frames, fps) or "
+                            "lower max_new_tokens")
     stop = np.array(stop_token_ids(model, eos_token_id), np.int64)
     pad = pad_token_id if pad_token_id is not None else model.generation_config.get(
         "pad_token_id", model.config.text_config.pad_token_id)
