@@ -32,12 +32,14 @@ def prepare(row: InputRow, processor: Idefics3Processor, max_new_tokens: int,
     """The row's inputs, or its error record."""
     try:
         images = [load_image(src) for src in row.images]
-        inputs = processor.chat_inputs(row.messages, images)
+        videos = [processor.load_video(src) for src in row.videos]
+        inputs = processor.chat_inputs(row.messages, images, videos)
     except Idefics3Error as e:
         return row_error(row, str(e))
     prepared = PreparedRow(row, inputs)
     if prepared.prompt_tokens + max_new_tokens > context:
         return row_error(row, f"the prompt has {prepared.prompt_tokens} tokens; with --max-new-tokens "
                               f"{max_new_tokens} that is beyond the model's context of {context} tokens (use fewer "
-                              "or smaller images: --longest-edge, --no-image-splitting; or a shorter prompt)")
+                              "or smaller images: --longest-edge, --no-image-splitting; fewer video frames; or a shorter "
+                              "prompt)")
     return prepared

@@ -3,7 +3,8 @@
 A row is `{"id": ..., "messages": [...], "images": [...]}` (a conversation in the chat-template format, one
 `{"type": "image"}` item per image) or `{"id": ..., "prompt": "...", "images": [...]}` (one user turn: the images,
 then the prompt). `images` is optional: paths (relative ones are read from the input file's folder), http(s) URLs
-or `data:` URIs. Ids are strings or integers, unique in the file. A line that is not such a row stops the run with
+or `data:` URIs; so is `videos` (the same kinds of sources; SmolVLM2 checkpoints; one `{"type": "video"}` item
+each, or after the images in a "prompt" row). Ids are strings or integers, unique in the file. A line that is not such a row stops the run with
 its line number: a malformed file is a mistake to fix, not a row to skip. Whether the images open, the tags match
 the images and the prompt fits the context is decided per row later (see prepare.py).
 """
@@ -27,6 +28,7 @@ class InputRow:
     id: RowId
     messages: List[Dict[str, Any]]
     images: List[str] = field(default_factory=list)  # as the image loader takes them (relative paths resolved)
+    videos: List[str] = field(default_factory=list)  # as the video loader takes them (relative paths resolved)
 
     @property
     def key(self) -> str:
@@ -71,6 +73,9 @@ def _parse(text: str, number: int, path: Path, index: int) -> InputRow:
     images = data.get("images", [])
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise Idefics3Error(f"{where}: \"images\" must be a list of paths, URLs or data: URIs (strings)")
+    videos = data.get("videos", [])
+    if not isinstance(videos, list) or not all(isinstance(v, str) and v for v in videos):
+        raise Idefics3Error(f"{where}: \"videos\" must be a list of paths, URLs or data: URIs (strings)")
     has_messages, has_prompt = "messages" in data, "prompt" in data
     if has_messages == has_prompt:
         raise Idefics3Error(f"{where}: a row needs exactly one of \"messages\" (a conversation) or \"prompt\" "
@@ -78,14 +83,15 @@ def _parse(text: str, number: int, path: Path, index: int) -> InputRow:
     if has_prompt:
         if not isinstance(data["prompt"], str):
             raise Idefics3Error(f"{where}: \"prompt\" must be a string")
-        messages = question_turns(data["prompt"], len(images))
+        messages = question_turns(data["prompt"], len(images), num_videos=len(videos))
     else:
         messages = data["messages"]
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise Idefics3Error(f"{where}: \"messages\" must be a non-empty list of messages like "
                                 "{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", "
                                 "\"text\": \"...\"}]}")
-    return InputRow(index, number, row_id, messages, [_resolve(src, path.parent) for src in images])
+    return InputRow(index, number, row_id, messages, [_resolve(src, path.parent) for src in images],
+                    [_resolve(src, path.parent) for src in videos])
 
 
 def _resolve(source: str, base: Path) -> str:
