@@ -207,11 +207,14 @@ class Idefics3Processor:
         self._tokenize(out, prompts, add_special_tokens, return_tensors, pad)
         return _convert(out, return_tensors)
 
-    def load_video(self, source, fps: Optional[float] = None, max_frames: Optional[int] = None) -> Video:
-        """Decode a video's chosen frames with this checkpoint's settings (for the `videos` of several calls)."""
+    def load_video(self, source, fps: Optional[float] = None, max_frames: Optional[int] = None, *,
+                   download=None) -> Video:
+        """Decode a video's chosen frames with this checkpoint's settings (for the `videos` of several calls).
+        download: `url -> bytes` for http(s) URLs (the caller's fetching rules; urllib by default)."""
         if self.video_settings is None:
-            raise Idefics3Error("this checkpoint's processor takes no videos (it is an Idefics3Processor)")
-        return load_video(source, self.video_settings.with_options(fps, max_frames))
+            raise Idefics3Error("this checkpoint's processor takes no videos (it is an Idefics3Processor: no "
+                                "video_sampling in preprocessor_config.json); use a SmolVLM2 checkpoint")
+        return load_video(source, self.video_settings.with_options(fps, max_frames), download=download)
 
     def _image_batch(self, prompts: Optional[List[str]], images, size, max_image_size, do_image_splitting):
         counts = None if prompts is None else [p.count(self.image_token) for p in prompts]

@@ -14,9 +14,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..errors import Idefics3Error
 from ..generation import SamplingParams
 from ..processing import load_image
+from ..processing.image_io import _download
 from ..processing.processor import Idefics3Processor, ProcessorOutput
 from .errors import APIError
-from .protocol import ChatCompletionRequest, ImagePart
+from .protocol import ChatCompletionRequest, ImagePart, VideoPart
 
 
 @dataclass
@@ -41,10 +42,10 @@ class PreparedRequest:
     stop: List[str] = field(default_factory=list)
 
 
-def to_template_messages(request: ChatCompletionRequest) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """OpenAI messages → the processor's chat-template messages ({"type": "image"} items in place of the
-    image_url parts) and the image URLs in order."""
-    messages, urls = [], []
+def to_template_messages(request: ChatCompletionRequest) -> Tuple[List[Dict[str, Any]], List[str], List[str]]:
+    """OpenAI messages → the processor's chat-template messages ({"type": "image"} / {"type": "video"} items in
+    place of the image_url / video_url parts), the image URLs and the video URLs in order."""
+    messages, urls, video_urls = [], [], []
     for message in request.messages:
         if isinstance(message.content, str):
             content = [{"type": "text", "text": message.content}]
@@ -54,10 +55,13 @@ def to_template_messages(request: ChatCompletionRequest) -> Tuple[List[Dict[str,
                 if isinstance(part, ImagePart):
                     content.append({"type": "image"})
                     urls.append(part.image_url.url)
+                elif isinstance(part, VideoPart):
+                    content.append({"type": "video"})
+                    video_urls.append(part.video_url.url)
                 else:
                     content.append({"type": "text", "text": part.text})
         messages.append({"role": message.role, "content": content})
-    return messages, urls
+    return messages, urls, video_urls
 
 
 class Preparer:
@@ -70,14 +74,18 @@ class Preparer:
         if request.n != 1:
             raise APIError(400, f"n={request.n} is not supported: this server returns one choice per request; "
                                 "send n=1 (or several requests)", param="n")
-        messages, urls = to_template_messages(request)
+        messages, urls, video_urls = to_template_messages(request)
         if len(urls) > limits.max_images:
             raise APIError(400, f"the request has {len(urls)} images; this server takes at most {limits.max_images} "
                                 "per request (--max-images-per-request)", param="messages")
+        if len(video_urls) > limits.max_images:
+            raise APIError(400, f"the request has {len(video_urls)} videos; this server takes at most "
+                                f"{limits.max_images} per request (--max-images-per-request)", param="messages")
         images = [self._image(url, i) for i, url in enumerate(urls)]
+        videos = [self._video(url, i) for i, url in enumerate(video_urls)]
         try:
             with self._lock:
-                inputs = self.processor.chat_inputs(messages, images)
+                inputs = self.processor.chat_inputs(messages, images, videos)
         except Idefics3Error as e:
             raise APIError(400, str(e), param="messages") from None
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -88,16 +96,30 @@ class Preparer:
         max_tokens = self._max_tokens(request, prompt_tokens)
         return PreparedRequest(inputs, prompt_tokens, max_tokens, self._sampling(request), request.stop_strings())
 
-    def _image(self, url: str, index: int):
-        param = "messages"
+    def _check_url(self, url: str, index: int, kind: str = "image") -> None:
+        """The URL rules every fetched part follows (images and videos alike)."""
         if url.startswith(("http://", "https://")):
             if not self.limits.remote_images:
-                raise APIError(400, f"image {index} is an http(s) URL and this server does not fetch remote images "
-                                    "(--no-remote-images); send it inline as data:image/...;base64,...",
-                               param=param)
+                raise APIError(400, f"{kind} {index} is an http(s) URL and this server does not fetch remote "
+                                    f"{kind}s (--no-remote-images); send it inline as data:{kind}/...;base64,...",
+                               param="messages")
         elif not url.startswith("data:"):
-            raise APIError(400, f"image {index} must be a data:image/...;base64,... URI or an http(s) URL, got "
-                                f"{url[:40]!r}", param=param)
+            raise APIError(400, f"{kind} {index} must be a data:{kind}/...;base64,... URI or an http(s) URL, got "
+                                f"{url[:40]!r}", param="messages")
+
+    def _video(self, url: str, index: int):
+        """A video_url part, fetched under the image URLs' rules (scheme, --no-remote-images, timeout, size cap)."""
+        self._check_url(url, index, "video")
+        limits = self.limits
+        try:
+            return self.processor.load_video(url, download=lambda u: _download(
+                u, limits.image_timeout, limits.max_image_bytes, what="video"))
+        except Idefics3Error as e:
+            raise APIError(400, f"video {index}: {e}", param="messages") from None
+
+    def _image(self, url: str, index: int):
+        param = "messages"
+        self._check_url(url, index)
         try:
             image = load_image(url, timeout=self.limits.image_timeout, max_bytes=self.limits.max_image_bytes)
         except Idefics3Error as e:

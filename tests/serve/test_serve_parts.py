@@ -74,9 +74,9 @@ def test_held_back_text_is_released_when_it_cannot_be_a_stop():
 def test_request_models_refuse_wrong_types_and_unknown_parts():
     ok = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}], "stop": "x"})
-    messages, urls = to_template_messages(ok)
+    messages, urls, video_urls = to_template_messages(ok)
     assert messages == [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}]}]
-    assert urls == ["data:x"] and ok.stop_strings() == ["x"]
+    assert urls == ["data:x"] and video_urls == [] and ok.stop_strings() == ["x"]
     for bad in ({"model": "m", "messages": []}, {"model": "m", "messages": [{"role": "tool", "content": "a"}]},
                 {"model": "m", "messages": [{"role": "user", "content": "a"}], "max_tokens": "5"},
                 {"model": "m", "messages": [{"role": "user", "content": "a"}], "temperature": 3},
