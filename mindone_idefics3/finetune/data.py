@@ -3,7 +3,9 @@
 One example per line: `{"messages": [...], "images": ["a.jpg", "https://...", "data:image/png;base64,..."]}`.
 `messages` is a conversation in the chat-template format (roles user/assistant/system; content a string or a list
 of `{"type": "text", "text": ...}` / `{"type": "image"}` items); `images` hold one source per `{"type": "image"}`
-item, in their order (relative paths are relative to the JSONL file). Blank lines are skipped.
+item, in their order (relative paths are relative to the JSONL file). SmolVLM2 checkpoints also take `"videos"`,
+one per `{"type": "video"}` item (as in the processor, an example has images or videos, not both); a video's tag is
+expanded as the processor expands it, with the frames its settings choose. Blank lines are skipped.
 
 `TrainingData.open` reads the file once, line by line, keeping only the byte offset of each example and checking
 what can be checked without decoding images: the JSON, the message format, an assistant turn, as many images as
@@ -33,6 +35,7 @@ from ..model.loss import IGNORE_INDEX
 from ..processing.chat_template import normalize_conversation
 from ..processing.collate import collate
 from ..processing.prompt import image_block
+from ..processing.video import VIDEO_CHAT_TEMPLATE, video_block
 
 REMOTE = ("http://", "https://", "data:")
 
@@ -42,6 +45,7 @@ class Example:
     line: int  # 1-based line number in the JSONL file
     messages: List[Dict[str, Any]]
     images: List[str]  # as the image loader takes them (relative paths resolved)
+    videos: List[str] = ()  # as the video loader takes them (relative paths resolved)
 
 
 class TrainingData:
@@ -95,27 +99,33 @@ def parse_example(raw: bytes, line: int, path: Path) -> Example:
     if not any(m["role"] == "assistant" for m in messages):
         raise Idefics3Error(f"{where} has no assistant turn: there is nothing to learn from it; add the answer as "
                             "{\"role\": \"assistant\", \"content\": ...} or remove the line")
-    images = data.get("images", [])
-    if images is None:
-        images = []
-    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise Idefics3Error(f"{where}: \"images\" must be a list of paths, URLs or data: URIs")
-    tags = sum(item["type"] == "image" for m in messages for item in m["content"])
-    if tags != len(images):
-        raise Idefics3Error(f"{where} has {tags} {{\"type\": \"image\"}} item(s) but {len(images)} image(s); give "
-                            "one image per image item, in their order")
-    resolved = []
-    for source in images:
-        if not source.startswith(REMOTE):
-            file = Path(source).expanduser()
-            if not file.is_absolute():
-                file = path.parent / file
-            if not file.is_file():
-                raise Idefics3Error(f"{where}: image {source!r} not found (looked for {file}); relative paths are "
-                                    "relative to the JSONL file")
-            source = str(file)
-        resolved.append(source)
-    return Example(line, messages, resolved)
+    sources = {}
+    for kind in ("image", "video"):
+        listed = data.get(kind + "s", [])
+        if listed is None:
+            listed = []
+        if not isinstance(listed, list) or not all(isinstance(i, str) and i for i in listed):
+            raise Idefics3Error(f"{where}: \"{kind}s\" must be a list of paths, URLs or data: URIs")
+        tags = sum(item["type"] == kind for m in messages for item in m["content"])
+        if tags != len(listed):
+            raise Idefics3Error(f"{where} has {tags} {{\"type\": \"{kind}\"}} item(s) but {len(listed)} {kind}(s); "
+                                f"give one {kind} per {kind} item, in their order")
+        sources[kind] = [_resolve(source, kind, where, path) for source in listed]
+    if sources["image"] and sources["video"]:
+        raise Idefics3Error(f"{where} has images and videos; an example holds one or the other (as the processor)")
+    return Example(line, messages, sources["image"], sources["video"])
+
+
+def _resolve(source: str, kind: str, where: str, path: Path) -> str:
+    if source.startswith(REMOTE):
+        return source
+    file = Path(source).expanduser()
+    if not file.is_absolute():
+        file = path.parent / file
+    if not file.is_file():
+        raise Idefics3Error(f"{where}: {kind} {source!r} not found (looked for {file}); relative paths are "
+                            "relative to the JSONL file")
+    return str(file)
 
 
 # ----------------------------------------------------------------------------------------------- labels
@@ -137,12 +147,21 @@ class Labeler:
         example has images — the processor's own output for the rendered conversation, plus labels."""
         proc = self.processor
         where = f"line {example.line}"
+        # as the processor: a conversation with a video is rendered with SmolVLM's video template, every prefix too
+        template = VIDEO_CHAT_TEMPLATE if example.videos else None
         try:
-            text = proc.apply_chat_template(example.messages)
-            spans = self.assistant_spans(example.messages, text) if self.train_on == "assistant" else None
+            text = proc.apply_chat_template(example.messages, chat_template=template)
+            spans = self.assistant_spans(example.messages, text, template) if self.train_on == "assistant" else None
             sample: Dict[str, np.ndarray] = {}
             rows, cols = [], []
-            if example.images:
+            video_blocks = None
+            if example.videos:
+                videos = [proc.load_video(src) for src in example.videos]
+                frame_count = max(len(v.indices) for v in videos)  # the processor's rule
+                video_blocks = [video_block(v, frame_count, proc.image_seq_len, self.tokens) for v in videos]
+                sample["pixel_values"], sample["pixel_attention_mask"] = proc.image_processor.pad_and_normalize(
+                    [[frame for v in videos for frame in v.frames]])
+            elif example.images:
                 from ..processing import load_image
 
                 images = [load_image(src) for src in example.images]
@@ -151,7 +170,10 @@ class Labeler:
                 rows, cols = pix["rows"][0], pix["cols"][0]
         except Idefics3Error as e:
             raise Idefics3Error(f"{where}: {e}") from None
-        expanded, shift, blocks = self.expand(text, rows, cols)
+        if video_blocks is not None:
+            expanded, shift, blocks = self.expand_blocks(text, proc.video_token, video_blocks)
+        else:
+            expanded, shift, blocks = self.expand(text, rows, cols)
         encoding = proc.tokenizer.backend.encode(expanded, add_special_tokens=True)
         ids = np.asarray(encoding.ids, np.int64)
         labels = ids.copy()
@@ -170,16 +192,18 @@ class Labeler:
         sample.update(input_ids=ids[None], attention_mask=np.ones((1, len(ids)), np.int64), labels=labels[None])
         return sample
 
-    def assistant_spans(self, messages: Sequence[dict], text: str) -> List[Tuple[int, int]]:
+    def assistant_spans(self, messages: Sequence[dict], text: str, template: Optional[str] = None
+                        ) -> List[Tuple[int, int]]:
         """Character spans [start, end) of `text` (the rendered conversation) to score: each assistant message's
         content and its closing `<end_of_utterance>`."""
         proc, spans = self.processor, []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            through = proc.apply_chat_template(list(messages[: i + 1]))
+            through = proc.apply_chat_template(list(messages[: i + 1]), chat_template=template)
             if i:
-                before = proc.apply_chat_template(list(messages[:i]), add_generation_prompt=True)
+                before = proc.apply_chat_template(list(messages[:i]), add_generation_prompt=True,
+                                                  chat_template=template)
             else:  # the conversation opens with the assistant: its text up to the generation prompt
                 at = through.find(self.generation_prompt)
                 before = through[: at + len(self.generation_prompt)] if at >= 0 and self.generation_prompt else ""
@@ -196,12 +220,19 @@ class Labeler:
         """The processor's expansion of the `<image>` tags (prompt.expand_prompt), with a map from positions in
         `text` to positions in the expanded text and the expanded image blocks' spans."""
         tag = self.tokens.image
+        if text.count(tag) != len(rows):
+            raise Idefics3Error(f"the prompt has {text.count(tag)} {tag} tags but {len(rows)} images")
+        return self.expand_blocks(text, tag, [image_block(r, c, self.processor.image_seq_len, self.tokens)
+                                              for r, c in zip(rows, cols)])
+
+    def expand_blocks(self, text: str, tag: str, block_texts: Sequence[str]):
+        """`text` with its k-th `tag` replaced by block_texts[k], the position map and the blocks' spans."""
         parts = text.split(tag)
-        if len(parts) - 1 != len(rows):
-            raise Idefics3Error(f"the prompt has {len(parts) - 1} {tag} tags but {len(rows)} images")
+        if len(parts) - 1 != len(block_texts):
+            raise Idefics3Error(f"the prompt has {len(parts) - 1} {tag} tags but {len(block_texts)} were given")
         out, starts, blocks, deltas, pos, new = [parts[0]], [], [], [], len(parts[0]), len(parts[0])
         for k, part in enumerate(parts[1:]):
-            block = image_block(rows[k], cols[k], self.processor.image_seq_len, self.tokens)
+            block = block_texts[k]
             starts.append(pos)
             blocks.append((new, new + len(block)))
             deltas.append(len(block) - len(tag))
