@@ -86,3 +86,19 @@ def test_converted_smolvlm_checkpoint_gives_the_same_logits(ckpt_smolvlm, model,
     ids, mask, pv, pam = make_batch(ckpt_smolvlm, [2], [7], np.random.default_rng(7))
     np.testing.assert_array_equal(converted(ids, mask, pv, pam).logits.asnumpy(),
                                   model(ids, mask, pv, pam).logits.asnumpy())
+
+
+def test_a_long_video_goes_through_the_vision_tower_a_chunk_at_a_time(ckpt_smolvlm, model):
+    """48 frames (as many as this checkpoint's 256-token context holds): each vision call sees `vision_chunk`
+    tiles (1 on the CPU), and the logits equal the reference's whatever the chunk size."""
+    ids, mask, pv, pam = make_batch(ckpt_smolvlm, [48], [6], np.random.default_rng(9))
+    assert model.vision_chunks(pv, pam) == [(1, True)] * 48
+    ref = reference_logits(ckpt_smolvlm, ids, mask, pv, pam)
+    try:
+        for chunk in (None, 16):
+            model.model.vision_chunk = chunk
+            ours = model(ids, mask, pv, pam).logits.asnumpy()
+            assert relative_l2(ours, ref) < TOL
+        assert len(model.vision_chunks(pv, pam)) == 3
+    finally:
+        model.model.vision_chunk = None
