@@ -15,8 +15,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["mindone_idefics3", "mindone_idefics3.*"]),
     install_requires=[
-        "mindspore==2.10.0",
-        "numpy<2",  # MindSpore 2.10 is built against NumPy 1.x
+        # Any release in the supported range: on Ascend it is the one that matches the installed CANN (docs/ascend.md).
+        "mindspore" + version["MINDSPORE_REQUIRES"],
+        "numpy<2",  # MindSpore 2.7-2.10 are built against NumPy 1.x
         "pillow>=9.1",
         "safetensors>=0.4",
         "huggingface_hub>=0.23",

@@ -1,9 +1,14 @@
 """Idefics3 / SmolVLM vision-language models in MindSpore.
 
 Public names are imported lazily so that `import mindone_idefics3` stays cheap (MindSpore's import takes seconds)
-and the processor can be used without touching the model side.
+and the processor can be used without touching the model side. The installed MindSpore's release is checked here
+(compat.py) without importing it.
 """
+from .compat import check_mindspore
 from .version import __version__
+
+# A MindSpore outside the supported range is one clear error here, not a failure deep inside a model call.
+check_mindspore()
 
 _LAZY = {
     "ChatSession": "mindone_idefics3.chat",

@@ -158,5 +158,20 @@ def resolve_dtype(dtype: Union[str, "ms.dtype.Type", None], device: Optional[str
     return resolved
 
 
+def dtype_argument(dtype, mindspore_dtype):
+    """The one dtype of `dtype=` and `mindspore_dtype=` (mindone.transformers' name for it), for `resolve_dtype`;
+    both given and different is an error."""
+    if mindspore_dtype is None:
+        return dtype
+    if dtype is not None and _as_ms_dtype(dtype) != _as_ms_dtype(mindspore_dtype):
+        raise Idefics3Error(f"dtype={dtype!r} and mindspore_dtype={mindspore_dtype!r} disagree; pass one of them "
+                            "(mindspore_dtype is mindone.transformers' name for dtype)")
+    return mindspore_dtype
+
+
+def _as_ms_dtype(dtype):
+    return _DTYPES.get(dtype.lower(), dtype) if isinstance(dtype, str) else dtype
+
+
 def dtype_name(dtype) -> str:
     return {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}.get(dtype, str(dtype))

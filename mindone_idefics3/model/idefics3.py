@@ -12,11 +12,12 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import Idefics3Config
-from ..device import current_device, dtype_name, resolve_dtype, select_device
+from ..device import current_device, dtype_argument, dtype_name, resolve_dtype, select_device
 from ..errors import Idefics3Error
 from ..files import read_json
 from ..generation import GenerationMixin
 from ..ops.attention import key_keep_or_none
+from ..ops.kernels import attention_implementation, check_attn_implementation
 from ..ops.rope import position_ids_from_mask
 from ..runtime import jit_cell
 from .connector import Connector, check_patch_grid
@@ -150,11 +151,15 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: Union[str, os.PathLike], dtype=None, *, device: Optional[str] = None,
                         cache_dir: Optional[str] = None, revision: Optional[str] = None,
-                        progress: bool = True, adapter: Optional[Union[str, os.PathLike]] = None
+                        progress: bool = True, adapter: Optional[Union[str, os.PathLike]] = None,
+                        mindspore_dtype=None, attn_implementation: Optional[str] = None,
                         ) -> "Idefics3ForConditionalGeneration":
         """Load a Hugging Face Idefics3 checkpoint (directory or hub repo id) straight into `dtype`.
 
         dtype: ms.float32/float16/bfloat16 or 'fp32'/'fp16'/'bf16'; None = bf16 on Ascend, fp32 on the CPU.
+        mindspore_dtype: mindone.transformers' name for dtype (give one of them).
+        attn_implementation: 'eager' or 'flash_attention_2' (Ascend kernels, fp16/bf16; an error elsewhere), as in
+        mindone.transformers; None = the device and dtype decide (ops/kernels.py).
         Weights are not randomly initialised first; a checkpoint that does not match the config is refused whole.
         adapter: a LoRA adapter directory (finetune.py's OUT, or one saved by PEFT) merged into the weights.
         """
@@ -162,11 +167,12 @@ class Idefics3ForConditionalGeneration(nn.Cell, GenerationMixin):
         from ..weights import CheckpointReader, load_weights
 
         device = select_device(device)
-        ms_dtype = resolve_dtype(dtype, device)
+        ms_dtype = resolve_dtype(dtype_argument(dtype, mindspore_dtype), device)
+        check_attn_implementation(attn_implementation, ms_dtype)
         model_dir = resolve_model_dir(path_or_repo_id, cache_dir=cache_dir, revision=revision)
         config = Idefics3Config.from_json_file(model_dir / "config.json")
         reader = CheckpointReader(model_dir)
-        with nn.utils.no_init_parameters():
+        with nn.utils.no_init_parameters(), attention_implementation(attn_implementation, ms_dtype):
             model = cls(config, ms_dtype)
         params = {p.name: p for p in model.get_parameters()}
         # A tied checkpoint may still carry lm_head.weight; the embedding is what the model uses.

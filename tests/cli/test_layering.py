@@ -14,7 +14,7 @@ import mindone_idefics3
 PACKAGE = Path(__file__).resolve().parents[2] / "mindone_idefics3"
 # floor → rooms; a room may import its own room and the floors below it
 FLOORS = [
-    {"errors", "version"},
+    {"errors", "version", "compat"},
     {"files", "json_file", "process", "distributed", "hub", "config", "device", "runtime"},
     {"weights"},
     {"ops", "processing"},
