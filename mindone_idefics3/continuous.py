@@ -188,6 +188,10 @@ class ContinuousBatch:
     def running(self) -> List[Slot]:
         return [slot for slot in self.slots if slot is not None and slot.row is not None]
 
+    def idle(self) -> bool:
+        """Nothing joining, nothing running."""
+        return self.joining is None and not self.running
+
     def has_room(self) -> bool:
         """Whether a request can start joining now (one joins at a time; it needs a row that nobody runs in)."""
         return self.joining is None and any(slot is None or slot.row is None for slot in self.slots)
@@ -281,10 +285,17 @@ class ContinuousBatch:
                 tokens[i, 0] = slot.token
                 keep[i, :lengths[i] + 1] = True
         # rows that do not run write their step's keys after their tokens, where nothing is read
-        ids, logits = self._step(window)(Tensor(tokens), Tensor(lengths[:, None]), Tensor(lengths), Tensor(keep),
-                                         Tensor([window - 1], ms.int32))
-        ids = ids.asnumpy()
-        logits_np = None if all(slot.sampler.greedy for slot in running) else logits.asnumpy()
+        try:
+            ids, logits = self._step(window)(Tensor(tokens), Tensor(lengths[:, None]), Tensor(lengths),
+                                             Tensor(keep), Tensor([window - 1], ms.int32))
+            ids = ids.asnumpy()
+            logits_np = None if all(slot.sampler.greedy for slot in running) else logits.asnumpy()
+        except Exception as e:  # noqa: BLE001 - the running rows' failure; the batch goes on with the next rows
+            for i, slot in enumerate(self.slots):
+                if slot is not None and slot.row is not None:
+                    self._fail(slot.row, e)
+                    self.slots[i] = None  # what its cache row holds is unknown now: never a prefix
+            return
         for i, slot in enumerate(self.slots):
             if slot is None or slot.row is None:
                 continue
@@ -323,40 +334,42 @@ class ContinuousBatch:
         return self._steps[window]
 
     # ------------------------------------------------------------------------------------------- warm-up
-    def warm_up(self, vision: bool = True, progress=None) -> None:
-        """Compile what rows joining and leaving use: a decode step per window, the prefill piece per working
-        cache length, and the vision pieces (a tile count each)."""
-        text = self.model.model.text_model
-        hidden = self.model.config.text_config.hidden_size
-        zeros = np.zeros((self.rows, 1), np.int32)
-        todo = [("decode", w) for w in self.windows()]
-        piece = self.prefill_piece
-        lengths, length = [], cache_length(piece)
-        while length <= cache_length(self.length + piece):  # a last piece's padding may run past a row's end
-            lengths.append(length)
+    def warm_up_plan(self, vision: bool = True) -> List[tuple]:
+        """What rows joining and leaving compile, as (kind, size) items for `warm_up_one`: a decode step per
+        window, the prefill piece per working-cache length, a vision piece per tile count."""
+        plan = [("decode", w) for w in self.windows()]
+        length = cache_length(self.prefill_piece)
+        while length <= cache_length(self.length + self.prefill_piece):  # a last piece's padding may run past a row
+            plan.append(("prefill", length))
             length *= 2
-        todo += [("prefill", n) for n in lengths]
         if vision:
-            todo += [("vision", n) for n in range(1, self.vision_piece + 1)]
-        for kind, n in todo:
-            if progress is not None:
-                progress(kind, n)
-            if kind == "decode":
-                keep = np.zeros((self.rows, n), np.bool_)
-                keep[:, 0] = True
-                self._step(n)(Tensor(zeros), Tensor(zeros), Tensor(zeros[:, 0]), Tensor(keep),
-                              Tensor([n - 1], ms.int32))
-            elif kind == "prefill":
-                work = self.working_cache(n)
-                slots = np.arange(piece, dtype=np.int32)
-                text.use_caches(work)
-                try:
-                    text.extend(ops.zeros((1, piece, hidden), self.model.dtype), Tensor(slots[None]),
-                                Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
-                finally:
-                    text.use_caches(self.caches)
-            else:
-                cfg = self.model.config.vision_config
-                size = cfg.image_size
-                self.model.get_image_features(np.full((1, n, 3, size, size), 0.5, np.float32),  # not padding
-                                              np.ones((1, n, size, size), np.int64), use_jit=True)
+            plan += [("vision", n) for n in range(1, self.vision_piece + 1)]
+        return plan
+
+    def warm_up(self, vision: bool = True) -> None:
+        for kind, n in self.warm_up_plan(vision):
+            self.warm_up_one(kind, n)
+
+    def warm_up_one(self, kind: str, n: int) -> None:
+        text = self.model.model.text_model
+        if kind == "decode":
+            zeros = np.zeros((self.rows, 1), np.int32)
+            keep = np.zeros((self.rows, n), np.bool_)
+            keep[:, 0] = True
+            self._step(n)(Tensor(zeros), Tensor(zeros), Tensor(zeros[:, 0]), Tensor(keep), Tensor([n - 1], ms.int32))
+        elif kind == "prefill":
+            piece, hidden = self.prefill_piece, self.model.config.text_config.hidden_size
+            work = self.working_cache(n)
+            slots = np.arange(piece, dtype=np.int32)
+            text.use_caches(work)
+            try:
+                text.extend(ops.zeros((1, piece, hidden), self.model.dtype), Tensor(slots[None]),
+                            Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
+            finally:
+                text.use_caches(self.caches)
+        elif kind == "vision":
+            size = self.model.config.vision_config.image_size
+            self.model.get_image_features(np.full((1, n, 3, size, size), 0.5, np.float32),  # (all-zero = padding)
+                                          np.ones((1, n, size, size), np.int64), use_jit=True)
+        else:
+            raise ValueError(f"unknown warm-up item {kind!r}")

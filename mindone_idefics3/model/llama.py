@@ -70,8 +70,9 @@ class DecoderLayerMath(nn.Cell):
         if cache == "decode":  # write the new slots, attend over the whole cache
             k, v = write_cache(cache_k, cache_v, slots, index, k, v)
         elif cache == "rows":  # each row writes its own slot (index), attends over the cache's first shape[2] slots
-            k, v = write_cache(cache_k, cache_v, slots, index, k, v)
-            k, v = k[:, :, :shape[2]], v[:, :, :shape[2]]
+            # the scatters' outputs, sliced: a slice of the Parameter itself was read before the write (stale slot)
+            k = ops.scatter_nd_update(cache_k, index, k)[:, :, :shape[2]]
+            v = ops.scatter_nd_update(cache_v, index, v)[:, :, :shape[2]]
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
             write_cache(cache_k, cache_v, slots, index, k, v)  # unpacked and unused outputs made jit drop the write
         attn = linear(self.attention(q, k, v, mask).reshape(b * s, nq * d), o_w, o_b)

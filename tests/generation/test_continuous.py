@@ -130,3 +130,30 @@ def test_a_request_too_long_for_a_row_fails_alone(demo):
     run(batch, {0: [bad, good]})
     assert bad.error is not None and "slots of a row" in str(bad.error)
     assert good.error is None and good.tokens == alone(model, good.inputs, good.params)
+
+
+def test_a_step_reads_the_slot_it_writes_and_nothing_after_the_row(demo):
+    """Whatever an earlier row left in the cache does not change a step: the new slot is written before it is read
+    (a slice of the cache once read the old value), and slots after a row's length are masked."""
+    import mindspore as ms
+    from mindspore import Tensor, ops
+
+    _, model, _ = demo
+    outs = []
+    for seed in (None, 1, 2):
+        batch = ContinuousBatch(model, 2, 256, stop_token_ids(model))
+        rng = np.random.default_rng(0)
+        for layer in batch.caches.layers:
+            for cache in (layer.k, layer.v):
+                values = np.zeros(cache.shape, np.float32)
+                if seed is not None:  # an earlier occupant's keys and values, also in the slot about to be written
+                    values = np.random.default_rng(seed).normal(0, 5, cache.shape).astype(np.float32)
+                values[0, :, :10] = rng.normal(size=values[0, :, :10].shape)  # the row's own 10 tokens
+                ops.assign(cache, Tensor(values))
+        keep = np.zeros((2, 256), np.bool_)
+        keep[0, :11], keep[1, 0] = True, True
+        _, logits = batch._step(256)(Tensor(np.array([[5], [0]], np.int32)), Tensor(np.array([[10], [0]], np.int32)),
+                                     Tensor(np.array([10, 0], np.int32)), Tensor(keep), Tensor([255], ms.int32))
+        outs.append(logits.asnumpy()[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
