@@ -178,8 +178,7 @@ class ContinuousBatch:
         self.slots: List[Optional[Slot]] = [None] * rows  # None: never used
         self.joining: Optional[Join] = None
         self.reused_tokens = 0  # prompt tokens taken from parked rows, in all
-        self._work: Dict[int, object] = {}  # working caches by length
-        self.work = None  # the working cache of the joining request
+        self.work = None  # the working cache of the joining request (one row)
         self._steps: Dict[int, object] = {}  # compiled decode step by window
         self._clock = 0
 
@@ -226,11 +225,13 @@ class ContinuousBatch:
         return best, reused
 
     def working_cache(self, slots: int):
-        """The one-row working cache for a prompt of `slots` slots (a length bucket, made once)."""
+        """The one-row working cache for a prompt of `slots` slots (a length bucket). Only the last one is kept (the
+        compiled prefill takes the caches as inputs, so a new one compiles nothing; keeping every bucket's would
+        hold about two rows' worth more)."""
         length = cache_length(slots)
-        if length not in self._work:
-            self._work[length] = self.model.model.text_model.new_caches(1, length)
-        self.work = self._work[length]
+        if self.work is None or self.work.shape[1] != length:
+            self.work = None  # the old one goes before the new one is made
+            self.work = self.model.model.text_model.new_caches(1, length)
         return self.work
 
     # ------------------------------------------------------------------------------------------- work
@@ -342,8 +343,8 @@ class ContinuousBatch:
         while length <= cache_length(self.length + self.prefill_piece):  # a last piece's padding may run past a row
             plan.append(("prefill", length))
             length *= 2
-        if vision:
-            plan += [("vision", n) for n in range(1, self.vision_piece + 1)]
+        if vision:  # full tiles, and tiles with padding (a masked graph)
+            plan += [(kind, n) for kind in ("vision", "vision padded") for n in range(1, self.vision_piece + 1)]
         return plan
 
     def warm_up(self, vision: bool = True) -> None:
@@ -367,9 +368,12 @@ class ContinuousBatch:
                             Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
             finally:
                 text.use_caches(self.caches)
-        elif kind == "vision":
+        elif kind in ("vision", "vision padded"):
             size = self.model.config.vision_config.image_size
+            mask = np.ones((1, n, size, size), np.int64)
+            if kind == "vision padded":
+                mask[..., size // 2:] = 0
             self.model.get_image_features(np.full((1, n, 3, size, size), 0.5, np.float32),  # (all-zero = padding)
-                                          np.ones((1, n, size, size), np.int64), use_jit=True)
+                                          mask, use_jit=True)
         else:
             raise ValueError(f"unknown warm-up item {kind!r}")
