@@ -19,6 +19,20 @@ token in practice: the completion counts are checked). The checkpoint's tokenize
 token for each id up to SmolVLM's 49280, so every generated id decodes to text and streams as a chunk.
 
 Writes benchmarks/results/serve-smolvlm-256m-cpu.json and .md (the machine described: CPU model, cores, load).
+
+Scenarios for the schedulers (`--scenario`, each runs the server once per scheduler, continuous and static, in the
+same run, and writes serve-<scenario>-smolvlm-256m-cpu.json/.md):
+
+    python benchmarks/serve_benchmark.py --scenario poisson --requests 16 --rate 0.05 --max-tokens 64
+    python benchmarks/serve_benchmark.py --scenario arrival --long-tokens 600
+    python benchmarks/serve_benchmark.py --scenario soak --requests 200 --schedulers continuous
+
+- poisson: requests arrive at random (exponential gaps, mean 1/--rate s, seeded), each from its own client; TTFT
+  and latency p50/p95, aggregate completion tokens/s (all tokens / first send → last end).
+- arrival: client A streams a --long-tokens answer; once A has streamed 20 tokens, client B sends a photo question
+  (--max-tokens). B's TTFT against B alone (measured first, same server), A's largest gap between two chunks.
+- soak: 4 clients send --requests short mixed requests (text only, photo, repeated photo, sampled with a seed);
+  greedy answers compared with the first answer to the same request, server RSS after the 20th and the last.
 """
 from __future__ import annotations
 
@@ -56,8 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of every request (default 256)")
     p.add_argument("--photo-size", default="640x480", help="WIDTHxHEIGHT of the photos (default 640x480)")
     p.add_argument("--work-dir", default=str(ROOT / "benchmarks" / ".cache"), help="checkpoint and photos")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve-smolvlm-256m-cpu.json"))
+    p.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/serve[-SCENARIO]-smolvlm-256m-cpu"
+                                                 ".json)")
+    p.add_argument("--scenario", choices=["levels", "poisson", "arrival", "soak"], default="levels",
+                   help="levels (default): closed-loop concurrency levels; see the module for the others")
+    p.add_argument("--schedulers", default="continuous,static", help="scenarios other than levels: the servers "
+                   "compared (default continuous,static)")
+    p.add_argument("--rate", type=float, default=0.05, help="poisson: mean arrivals per second (default 0.05)")
+    p.add_argument("--long-tokens", type=int, default=600, help="arrival: client A's answer length (default 600)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-option", action="append", default=[], metavar="OPT",
+                   help="extra idefics3-serve option (repeatable, e.g. --server-option=--no-image-splitting)")
     args = p.parse_args(argv)
+    suffix = "" if args.scenario == "levels" else f"-{args.scenario}"
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"serve{suffix}-smolvlm-256m-cpu.json")
+    args.scheduler_list = [x.strip() for x in args.schedulers.split(",") if x.strip()]
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.width, args.height = (int(v) for v in args.photo_size.lower().split("x"))
     if not args.levels or min(args.levels) < 1 or args.requests < 1 or args.max_tokens < 1:
@@ -215,6 +242,10 @@ def markdown(result: Dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.scenario != "levels":
+        import scheduler_scenarios
+
+        return scheduler_scenarios.main(args, sys.modules[__name__])
     load_at_start = os.getloadavg()[0]
     os.environ.setdefault("GLOG_v", "3")
     import openai

@@ -20,6 +20,7 @@ from .errors import Idefics3Error
 from .generation import (PREFILL_BUCKET, GenerationStats, Sampler, cache_length, decode_steps, sampling_params,
                          stop_token_ids)
 from .image_cache import DEFAULT_MB, ImageFeatureCache
+from .prefix import image_spans, reusable_prefix
 from .processing import load_image
 from .processing.processor import ProcessorOutput
 from .processing.tokenizer import IncrementalDetokenizer
@@ -47,6 +48,7 @@ class ChatSession:
         self.messages: List[dict] = []  # the conversation in the chat template's message format
         self.images: list = []  # its images, in the order of its image items
         self._ids = np.zeros(0, np.int64)  # the tokens whose keys and values the cache holds (slot i = token i)
+        self._spans: list = []  # their images' token spans (prefix.image_spans)
         self._caches = None  # the model's caches that hold them (LayerCaches; valid while their owner is self)
 
     def ask(self, text: str, images: Optional[Sequence] = None) -> str:
@@ -70,9 +72,10 @@ class ChatSession:
                                 f"is beyond the model's context of {context} tokens: reset the conversation, send "
                                 "fewer or smaller images, or lower max_new_tokens")
         t0 = time.perf_counter()
-        spans = _image_spans(ids, model.config.image_token_id, model.config.image_seq_len, inputs.image_tiles)
+        spans = image_spans(ids, model.config.image_token_id, model.config.image_seq_len,
+                            (inputs.image_tiles or [[]])[0])
         reused = self._reusable(ids, spans)
-        first_image = next((k for k, (start, _) in enumerate(spans) if start >= reused), len(spans))
+        first_image = next((k for k, (start, _, _) in enumerate(spans) if start >= reused), len(spans))
         features, encoded = self.image_cache.features(model, _images_from(inputs, first_image), self.use_jit)
         embeds, _ = model.embed_prompt(ids[None, reused:].astype(np.int32), image_hidden_states=features)
 
@@ -110,21 +113,15 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         self.images = all_images
         self._ids = np.concatenate([ids, np.array(answer_ids[:-1], np.int64)])  # the last token was never fed
+        self._spans = spans
         self.last_stats = stats
 
     def _reusable(self, ids: np.ndarray, spans) -> int:
-        """How many leading tokens of `ids` the cache holds already: the common prefix with the cached ids, never
-        ending inside an image, and at least one token short of the prompt (its logits give the first answer
-        token)."""
+        """How many leading tokens of `ids` the cache holds already (`prefix.reusable_prefix`: the session's own
+        images, so they need no key)."""
         if self._caches is None or self._caches.owner is not self:
             return 0
-        limit = min(len(self._ids), len(ids) - 1)
-        same = np.flatnonzero(self._ids[:limit] != ids[:limit])
-        reused = int(same[0]) if same.size else limit
-        for start, end in spans:
-            if start < reused < end:
-                return start
-        return reused
+        return reusable_prefix(self._ids, self._spans, ids, spans)
 
     def _take_caches(self, length: int, reused: int) -> None:
         """Make caches of at least `length` slots current for this session, with its first `reused` slots (a
@@ -137,17 +134,6 @@ class ChatSession:
             caches.copy_from(old, reused)
         caches.owner = self
         self._caches, self._ids = caches, self._ids[:reused]
-
-
-def _image_spans(ids: np.ndarray, image_token_id: int, image_seq_len: int, image_tiles) -> List[tuple]:
-    """(first, last + 1) token position of each image's `<image>` tokens, in order."""
-    positions = np.flatnonzero(ids == image_token_id)
-    spans, start = [], 0
-    for tiles in (image_tiles or [[]])[0]:
-        count = tiles * image_seq_len
-        spans.append((int(positions[start]), int(positions[start + count - 1]) + 1))
-        start += count
-    return spans
 
 
 def _images_from(inputs: ProcessorOutput, first: int) -> ProcessorOutput:

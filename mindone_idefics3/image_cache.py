@@ -76,6 +76,33 @@ class ImageFeatureCache:
             found = [computed[key] if f is None else f for f, key in zip(found, keys)]
         return (found[0] if len(found) == 1 else ops.cat(found, axis=0)), encoded
 
+    def images(self, model, inputs) -> List[Tuple[bytes, np.ndarray, np.ndarray]]:
+        """(key, tiles, pixel mask) of each image of `inputs` (as `features` reads them), in order: for callers that
+        run the vision tower themselves, in pieces (continuous batching), with `lookup` and `store`. The key is
+        computed even when the cache keeps nothing (it also names the image in a prompt prefix)."""
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        pixel_values = np.asarray(pixel_values)
+        mask = inputs.get("pixel_attention_mask")
+        mask = np.ones(pixel_values.shape[:2] + pixel_values.shape[3:], np.int64) if mask is None else np.asarray(mask)
+        return [(self._key(model, tiles, keep), tiles, keep)
+                for tiles, keep in _images(pixel_values, mask, getattr(inputs, "image_tiles", None))]
+
+    def lookup(self, key: bytes) -> Optional[Tensor]:
+        """An image's features by its key (counted as a hit), or None (a miss)."""
+        found = self._get(key) if self.max_bytes else None
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def store(self, key: bytes, features: Tensor) -> None:
+        """Keep an image's features (what `lookup` missed and the caller computed)."""
+        if self.max_bytes:
+            self._put(key, features)
+
     def _key(self, model, tiles: np.ndarray, keep: np.ndarray) -> bytes:
         """A hash of the image's tiles and pixel mask, their shapes and the model's weights."""
         digest = hashlib.blake2b(digest_size=20)

@@ -19,7 +19,7 @@ READY = "idefics3-serve: ready at "
 
 
 class Server:
-    def __init__(self, args, timeout: float = 180.0):
+    def __init__(self, args, timeout: float = 600.0):  # loading + warm-up on a loaded machine
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "mindone_idefics3.serve", "--port", "0", *args],

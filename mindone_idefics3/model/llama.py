@@ -24,7 +24,7 @@ from ..config import TextConfig
 from ..generation import PREFILL_BUCKET
 from ..ops import attention as attention_ops, kernels
 from ..ops.attention import EagerAttention, make_attention
-from ..ops.kv_cache import KVCache, LayerCaches, scatter_index, write_cache
+from ..ops.kv_cache import KVCache, LayerCaches, row_scatter_index, scatter_index, write_cache
 from ..ops.norms import RMSNorm, add_rms_norm, rms_norm
 from ..ops.rope import RotaryEmbedding, apply_rotary, rotate_qkv
 from ..runtime import as_graph_inputs, idle_pipeline, jit_cell
@@ -52,10 +52,11 @@ class DecoderLayerMath(nn.Cell):
     def construct(self, x: Tensor, rope, mask, slots: Tensor, index, cache: str, shape, cache_k, cache_v,
                   *weights) -> Tensor:
         """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernels);
-        shape: (B, S); slots/index/cache: see `LlamaModel.construct`; cache_k/v: this layer's KV cache (None with
+        shape: (B, S), and the slots attended to with cache "rows" (see `LlamaModel.decode_rows`); slots/index/cache:
+        see `LlamaModel.construct`; cache_k/v: this layer's KV cache (None with
         cache "none"); weights: the rest of `LlamaDecoderLayer.state()`, as separate arguments."""
         in_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b = weights
-        b, s = shape
+        b, s = shape[0], shape[1]
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(rms_norm(x, in_norm, self.eps, self.fused), qkv_w, qkv_b)
         if self.fused:  # q and k heads rotated in one call, in (B, S, N, D) layout (see ops/rope.py)
@@ -68,6 +69,10 @@ class DecoderLayerMath(nn.Cell):
         v = heads_first(v, b, s, nkv, d)
         if cache == "decode":  # write the new slots, attend over the whole cache
             k, v = write_cache(cache_k, cache_v, slots, index, k, v)
+        elif cache == "rows":  # each row writes its own slot (index), attends over the cache's first shape[2] slots
+            # the scatters' outputs, sliced: a slice of the Parameter itself was read before the write (stale slot)
+            k = ops.scatter_nd_update(cache_k, index, k)[:, :, :shape[2]]
+            v = ops.scatter_nd_update(cache_v, index, v)[:, :, :shape[2]]
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
             write_cache(cache_k, cache_v, slots, index, k, v)  # unpacked and unused outputs made jit drop the write
         attn = linear(self.attention(q, k, v, mask).reshape(b * s, nq * d), o_w, o_b)
@@ -161,10 +166,21 @@ class LlamaModel(nn.Cell):
             self._kept[self.caches.shape] = self.caches
         caches = self._kept.pop(shape, None)
         if caches is None:
-            caches = LayerCaches(shape, [KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim,
-                                                 self.dtype, name=f"kv_cache.{i}") for i in range(len(self.layers))])
+            caches = self.new_caches(batch, max_length)
         while len(self._kept) >= KEPT_CACHE_SHAPES:
             self._kept.popitem(last=False)
+        self.use_caches(caches)
+
+    def new_caches(self, batch: int, max_length: int) -> LayerCaches:
+        """Static KV caches of every layer, (batch, max_length) slots, not made current."""
+        return LayerCaches((batch, max_length), [
+            KVCache(batch, self.cfg.num_key_value_heads, max_length, self.cfg.head_dim, self.dtype,
+                    name=f"kv_cache.{i}") for i in range(len(self.layers))])
+
+    def use_caches(self, caches: LayerCaches) -> None:
+        """Make `caches` the current ones (what `prefill`, `extend` and the forward read and write). A caller that
+        keeps caches of its own (continuous batching) switches between them with this; `setup_caches` keeps
+        earlier shapes for callers that do not."""
         for layer, cache in zip(self.layers, caches.layers):
             layer.self_attn.kv_cache = cache
         self.caches = caches
@@ -194,6 +210,22 @@ class LlamaModel(nn.Cell):
                 h = self.recompute_layer(h, rope, mask, slots, index, cache, (b, s), *layer.state())
             else:
                 h = self.layer_math(h, rope, mask, slots, index, cache, (b, s), *layer.state())
+        return self.norm(h).reshape(b, s, hidden)
+
+    def decode_rows(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, row_slots: Tensor,
+                    last_slot: Tensor) -> Tensor:
+        """One token per row where each row is at its own length (continuous batching): row b writes its keys and
+        values at slot row_slots[b] and attends over the first W slots, W = key_keep.shape[1] (key_keep (B, W):
+        True for the row's filled slots and its new one). inputs_embeds (B, 1, H); position_ids (B, 1);
+        last_slot: [W - 1] int32 (no key lies after the query: the mask is key_keep alone). Inside a compiled
+        graph only (the cache is written by scatter). Returns (B, 1, H), normed."""
+        b, s, hidden = inputs_embeds.shape
+        window = key_keep.shape[1]
+        rope, mask, _ = self.tables(position_ids, key_keep, last_slot, True, False)
+        index = row_scatter_index(b, self.cfg.num_key_value_heads, row_slots)
+        h = inputs_embeds.reshape(b * s, hidden)
+        for layer in self.layers:
+            h = self.layer_math(h, rope, mask, row_slots, index, "rows", (b, s, window), *layer.state())
         return self.norm(h).reshape(b, s, hidden)
 
     def recompute_layer(self, *args):

@@ -24,6 +24,15 @@ def scatter_index(batch: int, kv_heads: int, slots: Tensor) -> Tensor:
                     ops.broadcast_to(slots.astype(ms.int32).reshape(1, 1, s, 1), (batch, kv_heads, s, 1))), -1)
 
 
+def row_scatter_index(batch: int, kv_heads: int, row_slots: Tensor) -> Tensor:
+    """(batch, kv_heads, 1, 3) int32 `scatter_nd_update` indices of one new slot per row: (b, head,
+    row_slots[b]) — rows at lengths of their own (continuous batching)."""
+    grid = np.stack(np.meshgrid(np.arange(batch), np.arange(kv_heads), indexing="ij"), -1)
+    rows = Tensor(grid.reshape(batch, kv_heads, 1, 2).astype(np.int32))
+    slots = ops.broadcast_to(row_slots.astype(ms.int32).reshape(batch, 1, 1, 1), (batch, kv_heads, 1, 1))
+    return ops.cat((rows, slots), -1)
+
+
 def write_cache(cache_k: Tensor, cache_v: Tensor, slots: Tensor, index, k: Tensor, v: Tensor):
     """Write k, v (B, Nkv, S, D) into the caches (B, Nkv, L, D) at slots `slots` (S,) int32; return the caches.
 
@@ -59,6 +68,16 @@ class LayerCaches:
     def __init__(self, shape: tuple, layers: list):
         self.shape, self.layers = shape, layers
         self.owner = None
+
+    def copy_row(self, row: int, other: "LayerCaches", other_row: int, length: int) -> None:
+        """Slots [0, length) of row `other_row` of `other` into row `row` of these caches (any shapes; PyNative
+        `scatter_nd_update` in place, which compiled graphs see — tests/generation/test_continuous.py)."""
+        kv_heads = self.layers[0].k.shape[1]
+        grid = np.stack(np.meshgrid([row], np.arange(kv_heads), np.arange(length), indexing="ij"), -1)
+        index = Tensor(grid.astype(np.int32))
+        for mine, theirs in zip(self.layers, other.layers):
+            for new, old in ((mine.k, theirs.k), (mine.v, theirs.v)):
+                ops.scatter_nd_update(new, index, old[other_row:other_row + 1, :, :length])
 
     def copy_from(self, other: "LayerCaches", length: int) -> None:
         """The first `length` slots of every layer's keys and values from `other` (a smaller cache), the rest as

@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idefics3-serve",
         description="Serve an Idefics3 / SmolVLM checkpoint over OpenAI's chat-completions API (FastAPI + "
                     "uvicorn): POST /v1/chat/completions (streamed or not, images as data: URIs or http(s) URLs), "
-                    "GET /v1/models, /health, /metrics. One worker owns the model; concurrent requests run "
-                    "together in batches. Prints the URL once the model is loaded.",
+                    "GET /v1/models, /health, /metrics. One worker owns the model; requests join the running "
+                    "batch between decode steps (continuous batching) and reuse the prompt prefix of earlier "
+                    "ones. Prints the URL once the model is loaded and its graphs are compiled.",
         epilog="example: idefics3-serve --model HuggingFaceTB/SmolVLM-256M-Instruct --port 8000   |   "
                "idefics3-serve --demo (tiny random model, no download)")
     add_model_arguments(p, model_required=False)
@@ -31,7 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: the --model argument's last "
                         "path part)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="most requests generated together (default 8)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="most requests generated together: the rows of the KV cache (default 8)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="prompt + answer tokens one request may hold: each row of the KV cache has this many slots "
+                        "(rounded up to 64 × a power of two; default: the model's context). Longer requests get "
+                        "400")
+    p.add_argument("--scheduler", choices=["continuous", "static"], default="continuous",
+                   help="continuous (default): requests join the running batch at the next decode step, their "
+                        "images and prompt run in pieces between steps, finished rows keep their prefix for "
+                        "later requests; static: a batch runs to its end while new requests wait (the old way, "
+                        "kept for comparison)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready as soon as the model is loaded, without compiling the graphs first (the "
+                        "first requests then pay for compiling)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a batch; more get 503 with Retry-After (default 64)")
     p.add_argument("--max-images-per-request", type=int, default=8, help="default 8")
@@ -54,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT: stop accepting, let running requests finish for up to this long, then "
                         "exit 0 (default 30)")
     p.add_argument("--no-batch-padding", action="store_true",
-                   help="run batches of exactly the waiting requests instead of padding them to 1, 2, 4 or 8 rows "
-                        "(padding keeps the number of compiled graph shapes small)")
+                   help="--scheduler static: run batches of exactly the waiting requests instead of padding them to "
+                        "1, 2, 4 or 8 rows (padding keeps the number of compiled graph shapes small)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn and server log level (default warning)")
     p.add_argument("--demo", action="store_true",
@@ -72,6 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if not args.demo and not args.model:
         raise Idefics3Error("pass --model DIR_OR_REPO (or --demo)")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise Idefics3Error(f"--max-model-len must be at least 2, got {args.max_model_len}")
     for flag in ("max_batch_size", "max_queue", "max_images_per_request", "max_tokens_limit", "max_image_pixels",
                  "max_image_bytes", "max_request_bytes"):
         if getattr(args, flag) < 1:
@@ -103,14 +119,20 @@ def serve(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)  # a bad --model fails here, before the server starts
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     engine = Engine(lambda: _load(args, model_dir), max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    pad_batch_to_power_of_two=not args.no_batch_padding)
+                    pad_batch_to_power_of_two=not args.no_batch_padding, scheduler=args.scheduler,
+                    max_model_len=args.max_model_len, warmup=not args.no_warmup)
 
     def preparer() -> Preparer:
         from ..processing import Idefics3Processor
         from ..cli_options import processor_overrides
 
         model = engine.model
-        limits = Limits(context=model.config.text_config.max_position_embeddings,
+        context = model.config.text_config.max_position_embeddings
+        if engine.batch is not None and engine.batch.length < context:
+            context, where = engine.batch.length, f"this server's --max-model-len ({engine.batch.length} tokens)"
+        else:
+            where = f"the model's context of {context} tokens"
+        limits = Limits(context=context, context_name=where,
                         max_images=args.max_images_per_request, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens_limit, max_image_pixels=args.max_image_pixels,
                         remote_images=not args.no_remote_images, max_image_bytes=args.max_image_bytes)

@@ -1,12 +1,19 @@
-"""The engine: one worker thread owns the model; requests wait in a queue and run in batches.
+"""The engine: one worker thread owns the model; requests wait in a queue and run on it.
 
-Scheduling (static batching with independent rows): when the worker is free it takes up to `max_batch_size`
-waiting requests (waiting a moment for requests still being prepared, so clients that arrive together share a
-batch) and runs them through the shared batch loop (`mindone_idefics3.runner`). Rows stop independently — at a stop
-token, a `stop` string, their own `max_tokens`, or when their client went away — and stop being streamed at once;
-the next batch starts when the last row stopped. Requests that arrive while a batch runs wait for it to end.
-Sampled rows draw from their own seeded generator, so a seed gives the same answer in any batch. Images are looked
-up in the engine's image-feature cache (by their pixels), so an image seen before skips the vision tower.
+Scheduling, continuous (the default): the rows of one static KV cache are slots (`mindone_idefics3.continuous`). A
+request joins the running batch between two decode steps — its vision and prefill run in bounded pieces, one piece
+per step, so the running rows keep streaming — and leaves when it ends; its row then stays parked, and a request
+whose prompt begins the same way (a conversation's next turn, another question about the same picture) takes that
+row and prefills only the rest. Everything this compiles is compiled at start-up (`warm_up`; `/health` reports
+ready after it), so requests joining and leaving compile nothing.
+
+Scheduling, static (`--scheduler static`, for comparison): when the worker is free it takes up to
+`max_batch_size` waiting requests and runs them as one left-padded batch to the end (`mindone_idefics3.runner`);
+requests that arrive meanwhile wait for the whole batch.
+
+Either way rows stop independently — at a stop token, a `stop` string, their own `max_tokens`, or when their
+client went away —, a greedy answer is the answer the request gets alone, and sampled rows draw from their own
+seeded generator. Images are looked up in the engine's image-feature cache (by their pixels).
 
 The HTTP layer talks to the engine through `submit` (a thread-safe queue of jobs) and each job's asyncio queue of
 events (`Delta`, `Finished`, `Failed`), which the worker fills with `loop.call_soon_threadsafe`.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -23,7 +31,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Deque, List, Optional
 
 from .. import runner
-from ..generation import SamplingParams
+from ..continuous import ContinuousBatch
+from ..generation import SamplingParams, cache_length, stop_token_ids
 from ..processing.tokenizer import IncrementalDetokenizer
 from .errors import APIError
 from .metrics import Metrics
@@ -166,13 +175,20 @@ class Engine:
     """Owns the model on one worker thread. `load` runs on that thread; `ready` is set once the model answers."""
 
     def __init__(self, load: Callable[[], tuple], *, max_batch_size: int = 8, max_queue: int = 64,
-                 pad_batch_to_power_of_two: bool = True, metrics: Optional[Metrics] = None):
+                 pad_batch_to_power_of_two: bool = True, metrics: Optional[Metrics] = None,
+                 scheduler: str = "continuous", max_model_len: Optional[int] = None, warmup: bool = True):
         """load: () -> (model, processor, image cache) on the worker thread (MindSpore is set up there, and the
         device the model landed on sizes the cache). The processor decodes the answers; requests are prepared
         elsewhere (see prepare.py). The image cache (an ImageFeatureCache, or None: none) lets a request whose
-        image was seen before skip the vision tower."""
+        image was seen before skip the vision tower. scheduler: "continuous" or "static" (see the module);
+        max_model_len: the prompt + answer tokens a row holds (continuous; default the model's context);
+        warmup: compile before reporting ready (continuous)."""
+        if scheduler not in ("continuous", "static"):
+            raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
         self._load = load
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.scheduler, self.max_model_len, self.warmup = scheduler, max_model_len, warmup
+        self.batch: Optional[ContinuousBatch] = None
         self.pad_batch = pad_batch_to_power_of_two
         self.metrics = metrics or Metrics()
         self.model = self.processor = self.image_cache = None
@@ -244,16 +260,79 @@ class Engine:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("model load failed:\n%s", traceback.format_exc())
             return
-        self.ready.set()
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                break
-            self.run_batch(batch)
+        if self.scheduler == "continuous":
+            try:
+                self._start_continuous()
+            except Exception as e:  # noqa: BLE001 - reported through /health and every request
+                self.load_error = f"warm-up failed: {type(e).__name__}: {e}"
+                log.error("warm-up failed:\n%s", traceback.format_exc())
+                return
+            self.ready.set()
+            self._run_continuous()
+        else:
+            self.ready.set()
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                self.run_batch(batch)
         with self._cond:
             for job in self._waiting:
                 job.post(Failed("the server shut down before this request ran"))
             self._waiting.clear()
+
+    # ------------------------------------------------------------------------------------------- continuous
+    def _start_continuous(self) -> None:
+        """The rows (`max_batch_size` of `max_model_len` slots, a cache bucket) and, unless told not to, the
+        compilation of everything they use."""
+        model = self.model
+        context = model.config.text_config.max_position_embeddings
+        length = cache_length(min(self.max_model_len or context, context))
+        self.batch = ContinuousBatch(model, self.max_batch_size, length, stop_token_ids(model),
+                                     image_cache=self.image_cache, log=log)
+        if self.warmup:
+            from tqdm import tqdm
+
+            started = time.perf_counter()
+            plan = self.batch.warm_up_plan()
+            for kind, n in tqdm(plan, desc="warming up (compiling)", unit="graph", file=sys.stderr,
+                                disable=None):
+                self.batch.warm_up_one(kind, n)
+            self.metrics.warmup_seconds.set(time.perf_counter() - started)
+            log.info("warm-up: %d graphs compiled in %.1f s", len(plan), time.perf_counter() - started)
+
+    def _run_continuous(self) -> None:
+        """Until stopped with nothing left: let the next waiting request start joining when a row is free, run
+        one piece of the joining request, one decode step of the running rows."""
+        batch, metrics = self.batch, self.metrics
+        while True:
+            job = None
+            with self._cond:
+                while not self._waiting and batch.idle() and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting and batch.idle():
+                    return
+                if batch.has_room():
+                    while self._waiting and job is None:
+                        job = self._waiting.popleft()
+                        if job.cancelled.is_set():
+                            self.metrics.finished.labels("cancelled").inc()
+                            job = None
+                metrics.queue_depth.set(len(self._waiting))
+            if job is not None:
+                metrics.prompt_tokens.inc(job.prepared.prompt_tokens)
+                batch.join(Row(job, self.processor.tokenizer, metrics))
+            joining = batch.joining
+            if joining is not None and joining.row.job.cancelled.is_set():
+                joining.row.cancel()
+            reused = batch.reused_tokens
+            batch.advance()
+            metrics.prefix_reused_tokens.inc(batch.reused_tokens - reused)
+            batch.step()
+            metrics.running.set(len(batch.running) + (batch.joining is not None))
+            metrics.batch_size.set(len(batch.running))
+            if self.image_cache is not None:
+                metrics.count_image_cache(self.image_cache)
 
     def _next_batch(self) -> Optional[List[Job]]:
         """The next batch to run, or None when stopping with nothing left to run."""

@@ -34,6 +34,10 @@ class Metrics:
                                         "image-feature cache (the same pixels seen before)", registry=r)
         self.image_cache_misses = Counter("idefics3_image_cache_misses", "Images run through the vision tower "
                                           "(not in the image-feature cache)", registry=r)
+        self.prefix_reused_tokens = Counter("idefics3_prefix_reused_tokens", "Prompt tokens whose keys and values "
+                                            "came from a parked row (a prefix an earlier request computed)",
+                                            registry=r)
+        self.warmup_seconds = Gauge("idefics3_warmup_seconds", "Seconds the start-up compilation took", registry=r)
         self._image_cache_counted = (0, 0)  # the cache's (hits, misses) already in the two counters
 
     def count_image_cache(self, cache) -> None:

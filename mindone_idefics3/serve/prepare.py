@@ -23,7 +23,8 @@ from .protocol import ChatCompletionRequest, ImagePart, VideoPart
 @dataclass
 class Limits:
     """What one request may ask for (the command-line limits)."""
-    context: int  # the model's max_position_embeddings
+    context: int  # the tokens a request may hold: the model's max_position_embeddings or --max-model-len
+    context_name: str = ""  # how errors name that limit (default: "the model's context of N tokens")
     max_images: int = 8
     max_prompt_tokens: Optional[int] = None
     max_tokens: int = 1024  # the largest max_tokens a request may ask for, and the default
@@ -133,10 +134,11 @@ class Preparer:
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         limits = self.limits
+        where = limits.context_name or f"the model's context of {limits.context} tokens"
         room = limits.context - prompt_tokens
         if room < 1:
-            raise APIError(400, f"the prompt has {prompt_tokens} tokens, which fills the model's context of "
-                                f"{limits.context} tokens; shorten the messages or send fewer or smaller images",
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens, which fills {where}; shorten the "
+                                "messages or send fewer or smaller images",
                            param="messages", code="context_length_exceeded")
         asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
@@ -147,8 +149,8 @@ class Preparer:
                                 "(--max-tokens-limit); ask for fewer tokens", param=name)
         if prompt_tokens + asked > limits.context:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens; with {name}={asked} that is "
-                                f"{prompt_tokens + asked}, beyond the model's context of {limits.context} tokens; "
-                                f"ask for at most {room} tokens or shorten the prompt", param=name,
+                                f"{prompt_tokens + asked}, beyond {where}; ask for at most {room} tokens or "
+                                "shorten the prompt", param=name,
                            code="context_length_exceeded")
         return asked
 

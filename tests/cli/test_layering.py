@@ -15,12 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mindone_idefics3"
 # floor → rooms; a room may import its own room and the floors below it
 FLOORS = [
     {"errors", "version", "compat"},
-    {"files", "json_file", "process", "distributed", "hub", "config", "device", "runtime"},
+    {"files", "json_file", "process", "distributed", "hub", "config", "device", "runtime", "prefix"},
     {"weights"},
     {"ops", "processing"},
     {"generation"},  # the model class inherits GenerationMixin, as transformers' models do
     {"model"},
-    {"runner", "chat", "image_cache", "compile_cache", "demo", "cli_options"},
+    {"runner", "chat", "continuous", "image_cache", "compile_cache", "demo", "cli_options"},
     {"convert", "finetune", "batch", "serve", "eval"},
     {"cli", "__init__", "__main__"},
 ]

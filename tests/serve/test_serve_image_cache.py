@@ -1,6 +1,7 @@
 """idefics3-serve's image-feature cache on the real server (127.0.0.1, the tiny demo checkpoint): the same photo
-with another question or system prompt, or sent under another data: URI, skips the vision tower (a hit on
-/metrics, no miss) and answers as generate() does without a cache; a photo one pixel away is a miss and answers as
+with another question or system prompt, or sent under another data: URI, skips the vision tower (no miss on
+/metrics: a hit, or — when the prompt up to and with the image is a parked row's — the image inside the reused
+prefix) and answers as generate() does without a cache; a photo one pixel away is a miss and answers as
 that photo alone; with --image-cache-mb 0 nothing hits and the answers are the same."""
 import base64
 import io
@@ -15,6 +16,7 @@ from serve_helpers import Reference, Server, openai_messages, png_data_uri
 
 MODEL = "tiny-idefics3"
 HITS, MISSES = "idefics3_image_cache_hits_total", "idefics3_image_cache_misses_total"
+REUSED = "idefics3_prefix_reused_tokens_total"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def reference(model_dir):
 @pytest.fixture(scope="module")
 def cached(model_dir):
     s = Server(["--model", str(model_dir), "--served-model-name", MODEL])  # the device's default cache size
+    s.model_dir = model_dir
     yield s
     s.stop()
 
@@ -39,6 +42,7 @@ def cached(model_dir):
 @pytest.fixture(scope="module")
 def uncached(model_dir):
     s = Server(["--model", str(model_dir), "--served-model-name", MODEL, "--image-cache-mb", "0"])
+    s.model_dir = model_dir
     yield s
     s.stop()
 
@@ -51,13 +55,13 @@ def answer(server, messages, max_tokens: int = 12) -> str:
 
 
 def counts(server):
-    """(hits, misses) on /metrics."""
+    """(hits, misses, prefix tokens reused) on /metrics."""
     found = {}
     for line in httpx.get(server.root + "/metrics").text.splitlines():
         name, _, value = line.partition(" ")
-        if name in (HITS, MISSES):
+        if name in (HITS, MISSES, REUSED):
             found[name] = float(value)
-    return found[HITS], found[MISSES]
+    return found[HITS], found[MISSES], found[REUSED]
 
 
 def counted_after(server, before, seconds: float = 30.0):
@@ -70,11 +74,32 @@ def counted_after(server, before, seconds: float = 30.0):
 
 
 def ask_and_count(server, question, image, system=None):
-    """(answer, hits added, misses added) of one request with one image."""
+    """(answer, images whose vision was skipped, images run through the vision tower) of one request with one
+    image: skipped = a cache hit, or the image inside a prefix reused from a parked row (neither a hit nor a miss;
+    the reused tokens then reach past the image)."""
     before = counts(server)
     text = answer(server, openai_messages(question, [image], system=system))
     after = counted_after(server, before)
-    return text, after[0] - before[0], after[1] - before[1]
+    return (text, *skipped_and_run(before, after, reach_past_image(server, question, image, system)))
+
+
+def skipped_and_run(before, after, image_end: int):
+    hits, misses, reused = (a - b for a, b in zip(after, before))
+    return hits + (misses == 0 and hits == 0 and reused >= image_end), misses
+
+
+def reach_past_image(server, question, image, system=None) -> int:
+    """Prompt tokens up to the end of the image's tokens (a prefix reuse covering the image reaches at least this)."""
+    from mindone_idefics3 import Idefics3Processor
+
+    from serve_helpers import template_messages
+
+    processor = Idefics3Processor.from_pretrained(server.model_dir)
+    inputs = processor.chat_inputs(template_messages(question, 1, system), [image])
+    from mindone_idefics3.config import Idefics3Config
+
+    image_token = Idefics3Config.from_json_file(server.model_dir / "config.json").image_token_id
+    return int(np.flatnonzero(inputs["input_ids"][0] == image_token)[-1]) + 1
 
 
 def flat(rgb):
@@ -114,7 +139,7 @@ def test_the_key_is_the_pixels_not_the_uri(cached, reference):
     before = counts(cached)
     text = answer(cached, messages)
     after = counted_after(cached, before)
-    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
+    assert skipped_and_run(before, after, reach_past_image(cached, "Describe it again.", RED)) == (1, 0)
     expected = reference.answer("Describe it again.", [RED], 12)[0]
     assert text == expected
     assert expected != reference.answer("Describe it again.", [BLACK], 12)[0], "test setup: alike answers"

@@ -1,0 +1,379 @@
+"""Continuous batching: the rows of one static KV cache are slots that requests take and leave between decode steps.
+
+Row b of the cache holds one sequence from slot 0 on, so a token's slot is its rotary position; every row has its
+own length. A decode step feeds each running row its last token, writes it at the row's length and attends over
+the first W slots (W: a bucket of the longest running row, one compiled graph per bucket, all built by `warm_up`;
+lengths, positions and masks are tensors, so rows joining and leaving compile nothing).
+
+A request joins in pieces, one piece between two decode steps, so that the running rows keep streaming: its images
+through the vision tower a few tiles at a time (or from the image-feature cache), then its prompt `prefill_piece`
+tokens at a time into a one-row working cache of its own length bucket; its keys and values are then copied into
+its row and it decodes with the others. A row that ended stays parked with its tokens: a request whose prompt
+begins the same way (`prefix.reusable_prefix`: ids, images by their key) takes that row and prefills only the rest
+— a conversation's next turn, or another question about the same picture.
+
+Greedy rows take the argmax of the step's logits (computed in the graph); sampled rows draw from their own seeded
+generator (`generation.Sampler`), so an answer does not depend on what else runs. Rows are objects with `inputs`
+(the processor's output for a batch of one), `params` (SamplingParams), `add(token, finish_reason)`, `done` and
+`fail(error)`, as in runner.py.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from .errors import Idefics3Error
+from .generation import CACHE_BUCKET, Sampler, cache_length
+from .image_cache import ImageFeatureCache
+from .prefix import image_spans, reusable_prefix
+from .runtime import jit_cell
+
+MIN_WINDOW = 256  # the smallest decode window: shorter rows share its graph (reading 256 slots costs little)
+PREFILL_PIECE = 256  # prompt tokens per prefill piece of a joining request
+VISION_PIECE = 2  # image tiles per vision piece of a joining request
+
+
+class RowsStep(nn.Cell):
+    """One token per row, each row at its own length (`LlamaModel.decode_rows`) → (argmax ids (B,) int32, fp32
+    logits (B, V))."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def construct(self, token: Tensor, position: Tensor, row_slots: Tensor, key_keep: Tensor, last_slot: Tensor):
+        text = self.lm.model.text_model
+        hidden = text.decode_rows(text.embed_tokens(token), position, key_keep, row_slots, last_slot)
+        logits = self.lm.logits(hidden)[:, -1]
+        return ops.argmax(logits, -1).astype(ms.int32), logits
+
+
+class Slot:
+    """A row of the cache: the tokens whose keys and values it holds (slot i = token i), their images' spans, and
+    the request running in it (None: parked, its tokens kept for a later prefix)."""
+
+    def __init__(self, ids: np.ndarray, spans: list, row=None, sampler: Optional[Sampler] = None):
+        self.ids, self.spans, self.row, self.sampler = ids, spans, row, sampler
+        self.token = 0  # the last new token, fed at the next step (running rows)
+        self.count = 0  # new tokens so far
+        self.used = 0  # when it was last taken (the least recently used parked row is given away first)
+
+
+class Join:
+    """A request on its way into a row: the vision pieces, then the prefill pieces, then the copy into its row."""
+
+    def __init__(self, batch: "ContinuousBatch", row):
+        model, cfg = batch.model, batch.model.config
+        self.batch, self.row = batch, row
+        inputs = row.inputs
+        mask = inputs.get("attention_mask")
+        if mask is not None and not np.asarray(mask).all():
+            raise Idefics3Error("a continuous-batching row is one unpadded prompt (a batch of one)")
+        self.ids = np.asarray(inputs["input_ids"])[0].astype(np.int64)
+        n = len(self.ids)
+        if n + row.params.max_new_tokens > batch.length:
+            raise Idefics3Error(f"the prompt has {n} tokens; with max_new_tokens={row.params.max_new_tokens} that "
+                                f"is beyond the {batch.length} slots of a row")
+        self.images = batch.image_cache.images(model, inputs)
+        tiles = [len(tiles) for _, tiles, _ in self.images]
+        self.spans = image_spans(self.ids, cfg.image_token_id, cfg.image_seq_len, tiles,
+                                 [key for key, _, _ in self.images])
+        self.index, self.reused = batch.choose_row(self.ids, self.spans)
+        # the images after the reused prefix: their features, found in the cache or computed in pieces
+        self.needed = [i for i, (start, _, _) in enumerate(self.spans) if start >= self.reused]
+        self.features: Dict[int, Tensor] = {}
+        self.partial: List[Tensor] = []
+        self.vision_tiles = 0
+        self.embeds: Optional[Tensor] = None
+        self.next = self.reused  # the next prompt slot to prefill
+        self.logits: Optional[np.ndarray] = None
+
+    def advance(self) -> bool:
+        """One piece of work (a few tiles of vision, or one prefill piece); True when the request's prompt is in
+        its row (`logits` then holds its last position's logits)."""
+        if self._vision_piece():
+            return False
+        if self.embeds is None:
+            features = [self.features[i] for i in self.needed]
+            ids = self.ids[None, self.reused:].astype(np.int32)
+            self.embeds, _ = self.batch.model.embed_prompt(
+                ids, image_hidden_states=(ops.cat(features, axis=0) if len(features) > 1 else features[0])
+                if features else None)
+        self._prefill_piece()
+        if self.next < len(self.ids):
+            return False
+        self.batch.caches.copy_row(self.index, self.batch.work, 0, len(self.ids))
+        return True
+
+    def _vision_piece(self) -> bool:
+        """Run the next few tiles of the next image that needs them; False when every image has its features."""
+        batch = self.batch
+        for i in self.needed:
+            if i in self.features:
+                continue
+            key, tiles, keep = self.images[i]
+            if not self.partial:
+                found = batch.image_cache.lookup(key)
+                if found is not None:
+                    self.features[i] = found
+                    continue
+            done = sum(part.shape[0] for part in self.partial)
+            part = slice(done, min(done + batch.vision_piece, len(tiles)))
+            self.partial.append(batch.model.get_image_features(tiles[None, part], keep[None, part], use_jit=True))
+            self.vision_tiles += part.stop - part.start
+            if part.stop == len(tiles):
+                features = ops.cat(self.partial, axis=0) if len(self.partial) > 1 else self.partial[0]
+                batch.image_cache.store(key, features)
+                self.features[i], self.partial = features, []
+            return True
+        return False
+
+    def _prefill_piece(self) -> None:
+        """The next `prefill_piece` prompt tokens into the working cache (the last piece right-padded: slots after
+        the prompt, overwritten by the answer before it reads them)."""
+        batch, text = self.batch, self.batch.model.model.text_model
+        piece, n, start = batch.prefill_piece, len(self.ids), self.next
+        if start == self.reused:  # the first piece: a working cache for all of them, with the reused prefix
+            batch.working_cache(self.reused + -(-(n - self.reused) // piece) * piece)
+            if self.reused:
+                batch.work.copy_row(0, batch.caches, self.index, self.reused)
+        work = batch.work
+        h = self.embeds[:, start - self.reused:min(start + piece, n) - self.reused]
+        if h.shape[1] < piece:
+            h = ops.cat((h, ops.zeros((1, piece - h.shape[1], h.shape[-1]), h.dtype)), axis=1)
+        slots = np.arange(start, start + piece, dtype=np.int32)
+        keep = Tensor(np.ones((1, work.shape[1]), np.bool_))
+        text.use_caches(work)
+        try:
+            hidden = text.extend(h, Tensor(slots[None]), keep, Tensor(slots))
+        finally:
+            text.use_caches(batch.caches)
+        self.next = min(start + piece, n)
+        if self.next == n:
+            last = n - 1 - start
+            self.logits = batch.model.logits(hidden[:, last:last + 1])[:, -1].asnumpy()
+
+
+class ContinuousBatch:
+    """`rows` slots of `length` tokens each, and at most one request joining at a time (see the module)."""
+
+    def __init__(self, model, rows: int, length: int, stop_ids, *, image_cache: Optional[ImageFeatureCache] = None,
+                 prefill_piece: int = PREFILL_PIECE, vision_piece: int = VISION_PIECE,
+                 log: Optional[logging.Logger] = None):
+        if length != cache_length(length):
+            raise Idefics3Error(f"a row's length must be {CACHE_BUCKET} × a power of two, got {length}")
+        self.model, self.rows, self.length = model, rows, length
+        self.stop = np.asarray(stop_ids, np.int64)
+        self.image_cache = image_cache if image_cache is not None else ImageFeatureCache(0)
+        self.prefill_piece = min(prefill_piece, length // 2)
+        self.vision_piece = vision_piece
+        self.log = log
+        text = model.model.text_model
+        self.caches = text.new_caches(rows, length)
+        text.use_caches(self.caches)
+        self.slots: List[Optional[Slot]] = [None] * rows  # None: never used
+        self.joining: Optional[Join] = None
+        self.reused_tokens = 0  # prompt tokens taken from parked rows, in all
+        self.work = None  # the working cache of the joining request (one row)
+        self._steps: Dict[int, object] = {}  # compiled decode step by window
+        self._clock = 0
+
+    # ------------------------------------------------------------------------------------------- state
+    @property
+    def running(self) -> List[Slot]:
+        return [slot for slot in self.slots if slot is not None and slot.row is not None]
+
+    def idle(self) -> bool:
+        """Nothing joining, nothing running."""
+        return self.joining is None and not self.running
+
+    def has_room(self) -> bool:
+        """Whether a request can start joining now (one joins at a time; it needs a row that nobody runs in)."""
+        return self.joining is None and any(slot is None or slot.row is None for slot in self.slots)
+
+    def windows(self) -> List[int]:
+        """Every decode window a step may use."""
+        out, w = [], min(self.length, max(MIN_WINDOW, CACHE_BUCKET))
+        while True:
+            out.append(w)
+            if w >= self.length:
+                return out
+            w = min(self.length, w * 2)
+
+    def choose_row(self, ids: np.ndarray, spans: list):
+        """(row index, tokens reused): the parked row that gives the longest prefix, else a row never used, else
+        the least recently used parked one."""
+        best, reused = None, 0
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.row is None:
+                m = reusable_prefix(slot.ids, slot.spans, ids, spans)
+                if m > reused:
+                    best, reused = i, m
+        if best is None:
+            free = [i for i, slot in enumerate(self.slots) if slot is None]
+            parked = [i for i, slot in enumerate(self.slots) if slot is not None and slot.row is None]
+            if free:
+                best = free[0]
+            elif parked:
+                best = min(parked, key=lambda i: self.slots[i].used)
+            else:
+                raise Idefics3Error("no row is free")
+        return best, reused
+
+    def working_cache(self, slots: int):
+        """The one-row working cache for a prompt of `slots` slots (a length bucket). Only the last one is kept (the
+        compiled prefill takes the caches as inputs, so a new one compiles nothing; keeping every bucket's would
+        hold about two rows' worth more)."""
+        length = cache_length(slots)
+        if self.work is None or self.work.shape[1] != length:
+            self.work = None  # the old one goes before the new one is made
+            self.work = self.model.model.text_model.new_caches(1, length)
+        return self.work
+
+    # ------------------------------------------------------------------------------------------- work
+    def join(self, row) -> None:
+        """Start `row` on its way in (has_room() must be True); a request that cannot run fails at once."""
+        try:
+            self.joining = Join(self, row)
+            slot = self.slots[self.joining.index]
+            if slot is not None:  # its row is taken: the parked tokens go (the prefix reused stays)
+                slot.ids, slot.spans = slot.ids[:self.joining.reused], []
+        except Exception as e:  # noqa: BLE001 - the request's failure, not the batch's
+            self.joining = None
+            self._fail(row, e)
+
+    def advance(self) -> None:
+        """One piece of the joining request; when its prompt is in, it becomes a running row with its first
+        token. A row that is `done` before (its owner gave it up) is dropped."""
+        join = self.joining
+        if join is None:
+            return
+        try:
+            if join.row.done:  # its client went away while it joined
+                self.joining = None
+                return
+            if not join.advance():
+                return
+        except Exception as e:  # noqa: BLE001
+            self.joining = None
+            self._fail(join.row, e)
+            return
+        self.joining = None
+        self.reused_tokens += join.reused
+        self._clock += 1
+        slot = Slot(join.ids, join.spans, join.row, Sampler(join.row.params, 1))
+        slot.used = self._clock
+        self.slots[join.index] = slot
+        self._emit(slot, self._pick(slot, join.logits, None))
+
+    def step(self) -> None:
+        """One decode step of every running row."""
+        running = self.running
+        if not running:
+            return
+        longest = max(len(slot.ids) for slot in running) + 1
+        window = next(w for w in self.windows() if w >= longest)
+        tokens = np.zeros((self.rows, 1), np.int32)
+        lengths = np.array([0 if slot is None else len(slot.ids) for slot in self.slots], np.int32)
+        keep = np.zeros((self.rows, window), np.bool_)
+        keep[:, 0] = True
+        for i, slot in enumerate(self.slots):
+            if slot is not None and slot.row is not None:
+                tokens[i, 0] = slot.token
+                keep[i, :lengths[i] + 1] = True
+        # rows that do not run write their step's keys after their tokens, where nothing is read
+        try:
+            ids, logits = self._step(window)(Tensor(tokens), Tensor(lengths[:, None]), Tensor(lengths),
+                                             Tensor(keep), Tensor([window - 1], ms.int32))
+            ids = ids.asnumpy()
+            logits_np = None if all(slot.sampler.greedy for slot in running) else logits.asnumpy()
+        except Exception as e:  # noqa: BLE001 - the running rows' failure; the batch goes on with the next rows
+            for i, slot in enumerate(self.slots):
+                if slot is not None and slot.row is not None:
+                    self._fail(slot.row, e)
+                    self.slots[i] = None  # what its cache row holds is unknown now: never a prefix
+            return
+        for i, slot in enumerate(self.slots):
+            if slot is None or slot.row is None:
+                continue
+            slot.ids = np.append(slot.ids, slot.token)
+            self._emit(slot, self._pick(slot, None if logits_np is None else logits_np[i:i + 1], int(ids[i])))
+
+    def _pick(self, slot: Slot, logits: Optional[np.ndarray], argmax: Optional[int]) -> int:
+        if slot.sampler.greedy and argmax is not None:
+            return argmax
+        return int(slot.sampler(logits, slot.ids[None])[0])
+
+    def _emit(self, slot: Slot, token: int) -> None:
+        """Give the row its new token (with why it ends, if it does); a row that ends is parked."""
+        row = slot.row
+        slot.count += 1
+        stopped = bool(np.isin(token, self.stop))
+        out_of_room = not stopped and slot.count >= row.params.max_new_tokens
+        try:
+            row.add(token, "stop" if stopped else "length" if out_of_room else None)
+        except Exception as e:  # noqa: BLE001
+            self._fail(row, e)
+        if row.done or stopped or out_of_room:
+            slot.row = slot.sampler = None  # parked: its tokens (the last one never fed) stay for a later prefix
+        else:
+            slot.token = token
+
+    def _fail(self, row, error: Exception) -> None:
+        if self.log is not None:
+            self.log.error("request failed: %s: %s", type(error).__name__, error, exc_info=error)
+        if not row.done:
+            row.fail(error)
+
+    def _step(self, window: int):
+        if window not in self._steps:
+            self._steps[window] = jit_cell(RowsStep(self.model))
+        return self._steps[window]
+
+    # ------------------------------------------------------------------------------------------- warm-up
+    def warm_up_plan(self, vision: bool = True) -> List[tuple]:
+        """What rows joining and leaving compile, as (kind, size) items for `warm_up_one`: a decode step per
+        window, the prefill piece per working-cache length, a vision piece per tile count."""
+        plan = [("decode", w) for w in self.windows()]
+        length = cache_length(self.prefill_piece)
+        while length <= cache_length(self.length + self.prefill_piece):  # a last piece's padding may run past a row
+            plan.append(("prefill", length))
+            length *= 2
+        if vision:  # full tiles, and tiles with padding (a masked graph)
+            plan += [(kind, n) for kind in ("vision", "vision padded") for n in range(1, self.vision_piece + 1)]
+        return plan
+
+    def warm_up(self, vision: bool = True) -> None:
+        for kind, n in self.warm_up_plan(vision):
+            self.warm_up_one(kind, n)
+
+    def warm_up_one(self, kind: str, n: int) -> None:
+        text = self.model.model.text_model
+        if kind == "decode":
+            zeros = np.zeros((self.rows, 1), np.int32)
+            keep = np.zeros((self.rows, n), np.bool_)
+            keep[:, 0] = True
+            self._step(n)(Tensor(zeros), Tensor(zeros), Tensor(zeros[:, 0]), Tensor(keep), Tensor([n - 1], ms.int32))
+        elif kind == "prefill":
+            piece, hidden = self.prefill_piece, self.model.config.text_config.hidden_size
+            work = self.working_cache(n)
+            slots = np.arange(piece, dtype=np.int32)
+            text.use_caches(work)
+            try:
+                text.extend(ops.zeros((1, piece, hidden), self.model.dtype), Tensor(slots[None]),
+                            Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
+            finally:
+                text.use_caches(self.caches)
+        elif kind in ("vision", "vision padded"):
+            size = self.model.config.vision_config.image_size
+            mask = np.ones((1, n, size, size), np.int64)
+            if kind == "vision padded":
+                mask[..., size // 2:] = 0
+            self.model.get_image_features(np.full((1, n, 3, size, size), 0.5, np.float32),  # (all-zero = padding)
+                                          mask, use_jit=True)
+        else:
+            raise ValueError(f"unknown warm-up item {kind!r}")
