@@ -7,16 +7,20 @@ another one.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import Idefics3Error
 from ..generation import SamplingParams
 from ..processing import load_image
 from ..processing.processor import Idefics3Processor, ProcessorOutput
 from .errors import APIError
+from .media import Fetcher, FetchError, MediaPolicy, url_host
 from .protocol import ChatCompletionRequest, ImagePart
+
+log = logging.getLogger("mindone_idefics3.serve")
 
 
 @dataclass
@@ -30,6 +34,12 @@ class Limits:
     remote_images: bool = True
     image_timeout: float = 10.0
     max_image_bytes: int = 20 * 2**20
+    allowed_media_domains: Optional[frozenset] = None  # None: any host (see media.py)
+    allow_private_media_urls: bool = False
+
+    def media_policy(self) -> MediaPolicy:
+        return MediaPolicy(self.allowed_media_domains, self.allow_private_media_urls, self.image_timeout,
+                           self.max_image_bytes)
 
 
 @dataclass
@@ -61,8 +71,11 @@ def to_template_messages(request: ChatCompletionRequest) -> Tuple[List[Dict[str,
 
 
 class Preparer:
-    def __init__(self, processor: Idefics3Processor, limits: Limits, generation_defaults: Dict[str, Any]):
+    def __init__(self, processor: Idefics3Processor, limits: Limits, generation_defaults: Dict[str, Any],
+                 fetch: Optional[Callable[[str], bytes]] = None):
+        """fetch: url -> the bytes of a remote image (default: media.Fetcher under the limits' policy)."""
         self.processor, self.limits, self.defaults = processor, limits, generation_defaults
+        self.fetch = fetch or Fetcher(limits.media_policy())
         self._lock = threading.Lock()
 
     def __call__(self, request: ChatCompletionRequest) -> PreparedRequest:
@@ -95,19 +108,35 @@ class Preparer:
                 raise APIError(400, f"image {index} is an http(s) URL and this server does not fetch remote images "
                                     "(--no-remote-images); send it inline as data:image/...;base64,...",
                                param=param)
+            image = self._remote_image(url, index)
         elif not url.startswith("data:"):
             raise APIError(400, f"image {index} must be a data:image/...;base64,... URI or an http(s) URL, got "
                                 f"{url[:40]!r}", param=param)
-        try:
-            image = load_image(url, timeout=self.limits.image_timeout, max_bytes=self.limits.max_image_bytes)
-        except Idefics3Error as e:
-            raise APIError(400, f"image {index}: {e}", param=param) from None
+        else:
+            try:
+                image = load_image(url)
+            except Idefics3Error as e:
+                raise APIError(400, f"image {index}: {e}", param=param) from None
         width, height = image.size
         if width * height > self.limits.max_image_pixels:
             raise APIError(400, f"image {index} has {width}x{height} = {width * height} pixels, over this server's "
                                 f"limit of {self.limits.max_image_pixels} (--max-image-pixels); downscale it first",
                            param=param)
         return image
+
+    def _remote_image(self, url: str, index: int):
+        """Fetch and decode; whatever went wrong — an address refused, a closed port, a 404, a body that is not an
+        image — the client gets the same message (anything more would let it map the server's network), and the
+        server's log gets the reason."""
+        try:
+            return load_image(self.fetch(url))
+        except Idefics3Error as e:  # FetchError is one
+            host = e.host if isinstance(e, FetchError) else url_host(url)
+            log.warning("image %d from %s refused or failed: %s", index, host,
+                        e.reason if isinstance(e, FetchError) else e)
+            raise APIError(400, f"image {index} could not be fetched from {host}; send an image URL this server may "
+                                "fetch or the image inline as data:image/...;base64,...", param="messages",
+                           code="image_fetch_failed") from None
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         limits = self.limits
