@@ -32,8 +32,9 @@ from .prepare import PreparedRequest
 log = logging.getLogger("mindone_idefics3.serve")
 
 # events a job may have waiting for its client (a token's text each): a client that stops reading its stream
-# makes the HTTP side stop taking them; past this the row is cancelled rather than the buffer growing
-MAX_BUFFERED_EVENTS = 256
+# makes the HTTP side stop taking them; past this the row is cancelled rather than the buffer growing (room
+# for a healthy client whose event loop stalls for a moment while its row runs fast)
+MAX_BUFFERED_EVENTS = 1024
 MAX_GATHER_SECONDS = 2.0  # how long a new batch waits at most for requests on their way (see Engine._gather)
 GATHER_QUIET_SECONDS = 0.05  # ... and how long after the last arrival when none is being prepared
 
