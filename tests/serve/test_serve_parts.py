@@ -352,3 +352,23 @@ def test_a_client_that_never_reads_its_stream_has_its_row_freed_and_the_others_a
     assert "a client stopped reading its stream" in caplog.text
     assert "did not take the answer for 1 s" in caplog.text
     assert engine.metrics.completion_tokens._value.get() < 5_000  # the stuck row was cut off early
+
+
+def test_a_body_over_the_limit_without_content_length_gets_413():
+    """Counted while it arrives (chunked upload): 413 with OpenAI's error body, not FastAPI's generic 400."""
+    from fastapi.testclient import TestClient
+
+    from mindone_idefics3.serve.app import Settings, create_app
+    from mindone_idefics3.serve.engine import Engine
+
+    client = TestClient(create_app(Engine(lambda: None), lambda: None, Settings("m", max_request_bytes=1000)))
+
+    def chunks():
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}]}'
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "--max-request-bytes" in r.json()["error"]["message"]
