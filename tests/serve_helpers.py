@@ -112,3 +112,77 @@ class Reference:
         count = int(stopped[0]) + 1 if stopped.size else len(new)
         text = self.processor.batch_decode(new[None, :count], skip_special_tokens=True)[0]
         return text, ("stop" if stopped.size else "length"), int(inputs["input_ids"].shape[1]), count
+
+
+class LocalImageServer:
+    """An HTTP server on 127.0.0.1 (a free port, its own thread) that the tests point image URLs at: /x.png (an
+    image), /text.txt (not an image), /redirect?to=URL (302 to URL), /slow.png (a byte every 0.1 s), anything else
+    404. `hits` lists every path requested, so a test can show that nothing reached it."""
+
+    def __init__(self):
+        import http.server
+        import urllib.parse
+
+        buf = io.BytesIO()
+        random_image(5, (40, 30)).save(buf, format="PNG")
+        png, hits = buf.getvalue(), []
+        self.hits, self.png = hits, png
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append(self.path)
+                url = urllib.parse.urlsplit(self.path)
+                if url.path == "/x.png":
+                    self._send(200, "image/png", png)
+                elif url.path == "/text.txt":
+                    self._send(200, "text/plain", b"just some text, not an image\n")
+                elif url.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", urllib.parse.parse_qs(url.query)["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif url.path == "/slow.png":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(png)))
+                    self.end_headers()
+                    try:
+                        for i in range(50):  # a byte every 0.1 s for 5 s, then it gives up
+                            self.wfile.write(png[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    except OSError:  # the client gave up first
+                        pass
+                else:
+                    self._send(404, "text/plain", b"not found\n")
+
+            def _send(self, status, content_type, body):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def closed_loopback_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -64,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $IDEFICS3_SERVE_API_KEY, else none)")
     p.add_argument("--no-remote-images", action="store_true",
                    help="refuse http(s) image URLs (only inline data: URIs)")
+    p.add_argument("--allowed-media-domains", default=None, metavar="HOST,HOST",
+                   help="fetch http(s) images only from these host names (exact match, comma-separated; redirects "
+                        "to other hosts are refused too); default: any public host")
+    p.add_argument("--allow-private-media-urls", action="store_true",
+                   help="let image URLs reach loopback, private, link-local and other non-public addresses (off by "
+                        "default: a client could otherwise make the server request internal services)")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive within this long (else 408), and each piece of an answer must be "
+                        "taken by the client within this long (else the connection is closed and the request "
+                        "cancelled); default 30")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: stop accepting, let running requests finish for up to this long, then "
                         "exit 0 (default 30)")
@@ -71,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--scheduler static: run batches of exactly the waiting requests instead of padding them to "
                         "1, 2, 4 or 8 rows (padding keeps the number of compiled graph shapes small)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                   help="uvicorn and server log level (default warning)")
+                   help="uvicorn and server log level (default warning; the access log is on at any level)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text lines, or one JSON object per line for log pipelines (default text)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no access-log line per request (logger mindone_idefics3.serve.access)")
     p.add_argument("--demo", action="store_true",
                    help="serve a tiny random-weight checkpoint written to a temp dir (no download; its answers are "
                         "meaningless by construction)")
@@ -92,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
                  "max_image_bytes", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise Idefics3Error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not args.request_timeout > 0:
+        raise Idefics3Error(f"--request-timeout must be more than 0 seconds, got {args.request_timeout:g}")
     with tempfile.TemporaryDirectory(prefix="idefics3-serve-demo-") as tmp:
         if args.demo:
             from ..demo import write_demo_checkpoint
@@ -111,11 +126,14 @@ def serve(args: argparse.Namespace) -> int:
         raise Idefics3Error(f"the server needs FastAPI and uvicorn ({e}); install them with: pip install "
                             "'mindone_idefics3[serve]'") from None
     from ..hub import resolve_model_dir
+    from . import logs
     from .app import Settings, create_app
     from .engine import Engine
+    from .media import MediaPolicy
     from .prepare import Limits, Preparer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format, access_log=not args.no_access_log)
+    allowed_domains = MediaPolicy.domains(args.allowed_media_domains)
     model_dir = resolve_model_dir(args.model)  # a bad --model fails here, before the server starts
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name
     engine = Engine(lambda: _load(args, model_dir), max_batch_size=args.max_batch_size, max_queue=args.max_queue,
@@ -135,14 +153,16 @@ def serve(args: argparse.Namespace) -> int:
         limits = Limits(context=context, context_name=where,
                         max_images=args.max_images_per_request, max_prompt_tokens=args.max_prompt_tokens,
                         max_tokens=args.max_tokens_limit, max_image_pixels=args.max_image_pixels,
-                        remote_images=not args.no_remote_images, max_image_bytes=args.max_image_bytes)
+                        remote_images=not args.no_remote_images, max_image_bytes=args.max_image_bytes,
+                        allowed_media_domains=allowed_domains, allow_private_media_urls=args.allow_private_media_urls)
         processor = Idefics3Processor.from_pretrained(model_dir, **processor_overrides(args))
         return Preparer(processor, limits, model.generation_defaults())
 
-    app = create_app(engine, preparer, Settings(name, api_key=args.api_key,
-                                                max_request_bytes=args.max_request_bytes))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.grace_period, access_log=args.log_level == "debug")
+    app = create_app(engine, preparer, Settings(name, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                                                request_timeout=args.request_timeout))
+    # log_config=None: uvicorn's records go through logs.configure's handler; the access log is ours (logs.py)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None,
+                            timeout_graceful_shutdown=args.grace_period, access_log=False)
     server = GracefulServer(config)
     sock = config.bind_socket()
     host, port = sock.getsockname()[:2]

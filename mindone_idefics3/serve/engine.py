@@ -40,6 +40,10 @@ from .prepare import PreparedRequest
 
 log = logging.getLogger("mindone_idefics3.serve")
 
+# events a job may have waiting for its client (a token's text each): a client that stops reading its stream
+# makes the HTTP side stop taking them; past this the row is cancelled rather than the buffer growing (room
+# for a healthy client whose event loop stalls for a moment while its row runs fast)
+MAX_BUFFERED_EVENTS = 1024
 MAX_GATHER_SECONDS = 2.0  # how long a new batch waits at most for requests on their way (see Engine._gather)
 GATHER_QUIET_SECONDS = 0.05  # ... and how long after the last arrival when none is being prepared
 
@@ -63,20 +67,40 @@ class Failed:
 
 
 class Job:
-    """One request on its way through the engine."""
+    """One request on its way through the engine. Its events wait in a bounded queue (`max_events`): when the
+    client does not take them (it stopped reading its stream), the job is cancelled — its row is freed at the next
+    step — and the queue is replaced by one Failed event, so neither the engine nor memory waits on a client."""
 
-    def __init__(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop,
+                 max_events: int = MAX_BUFFERED_EVENTS):
         self.prepared = prepared
         self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.events: asyncio.Queue = asyncio.Queue(maxsize=max_events + 1)  # + the Failed that ends an overflow
+        self.max_events = max_events
         self.cancelled = threading.Event()
+        self.overflowed = False
         self.submitted = time.perf_counter()
 
     def post(self, event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.loop.call_soon_threadsafe(self._put, event)
         except RuntimeError:  # the event loop is closed: the server is gone, nobody listens
             pass
+
+    def _put(self, event) -> None:
+        """On the event loop's thread (where the queue's size is exact)."""
+        if self.overflowed:
+            return
+        if self.events.qsize() < self.max_events:
+            self.events.put_nowait(event)
+            return
+        self.overflowed = True
+        self.cancel()
+        while not self.events.empty():
+            self.events.get_nowait()
+        self.events.put_nowait(Failed(f"the client did not read its answer: more than {self.max_events} events "
+                                      "were waiting for it, so the request was cancelled"))
+        log.warning("a client stopped reading its stream: %d events waiting; request cancelled", self.max_events)
 
     def cancel(self) -> None:
         """The client went away: the worker frees the row at its next step."""

@@ -7,17 +7,20 @@ another one.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import Idefics3Error
 from ..generation import SamplingParams
 from ..processing import load_image
-from ..processing.image_io import _download
 from ..processing.processor import Idefics3Processor, ProcessorOutput
 from .errors import APIError
+from .media import Fetcher, FetchError, MediaPolicy, url_host
 from .protocol import ChatCompletionRequest, ImagePart, VideoPart
+
+log = logging.getLogger("mindone_idefics3.serve")
 
 
 @dataclass
@@ -32,6 +35,12 @@ class Limits:
     remote_images: bool = True
     image_timeout: float = 10.0
     max_image_bytes: int = 20 * 2**20
+    allowed_media_domains: Optional[frozenset] = None  # None: any host (see media.py)
+    allow_private_media_urls: bool = False
+
+    def media_policy(self) -> MediaPolicy:
+        return MediaPolicy(self.allowed_media_domains, self.allow_private_media_urls, self.image_timeout,
+                           self.max_image_bytes)
 
 
 @dataclass
@@ -66,8 +75,11 @@ def to_template_messages(request: ChatCompletionRequest) -> Tuple[List[Dict[str,
 
 
 class Preparer:
-    def __init__(self, processor: Idefics3Processor, limits: Limits, generation_defaults: Dict[str, Any]):
+    def __init__(self, processor: Idefics3Processor, limits: Limits, generation_defaults: Dict[str, Any],
+                 fetch: Optional[Callable[[str], bytes]] = None):
+        """fetch: url -> the bytes of a remote image (default: media.Fetcher under the limits' policy)."""
         self.processor, self.limits, self.defaults = processor, limits, generation_defaults
+        self.fetch = fetch or Fetcher(limits.media_policy())
         self._lock = threading.Lock()
 
     def __call__(self, request: ChatCompletionRequest) -> PreparedRequest:
@@ -98,7 +110,8 @@ class Preparer:
         return PreparedRequest(inputs, prompt_tokens, max_tokens, self._sampling(request), request.stop_strings())
 
     def _check_url(self, url: str, index: int, kind: str = "image") -> None:
-        """The URL rules every fetched part follows (images and videos alike)."""
+        """The URL rules every part follows (images and videos alike): data: URIs, or http(s) URLs unless
+        --no-remote-images (fetched under media.py's address rules, see `_fetch`)."""
         if url.startswith(("http://", "https://")):
             if not self.limits.remote_images:
                 raise APIError(400, f"{kind} {index} is an http(s) URL and this server does not fetch remote "
@@ -108,29 +121,56 @@ class Preparer:
             raise APIError(400, f"{kind} {index} must be a data:{kind}/...;base64,... URI or an http(s) URL, got "
                                 f"{url[:40]!r}", param="messages")
 
-    def _video(self, url: str, index: int):
-        """A video_url part, fetched under the image URLs' rules (scheme, --no-remote-images, timeout, size cap)."""
-        self._check_url(url, index, "video")
-        limits = self.limits
+    def _fetch(self, url: str, index: int, kind: str) -> bytes:
+        """A remote part's bytes. Whatever went wrong — an address refused, a closed port, a 404 — the client gets
+        the same message (anything more would let it map the server's network), and the server's log the reason."""
         try:
-            return self.processor.load_video(url, download=lambda u: _download(
-                u, limits.image_timeout, limits.max_image_bytes, what="video"))
+            return self.fetch(url)
+        except Idefics3Error as e:  # FetchError is one
+            self._fetch_failed(url, index, kind, e)
+
+    def _fetch_failed(self, url: str, index: int, kind: str, error: Exception):
+        """The one 400 of a part that could not be fetched (or decoded after fetching); the reason to the log."""
+        host = error.host if isinstance(error, FetchError) else url_host(url)
+        log.warning("%s %d from %s refused or failed: %s", kind, index, host,
+                    error.reason if isinstance(error, FetchError) else error)
+        article = "an" if kind == "image" else "a"
+        raise APIError(400, f"{kind} {index} could not be fetched from {host}; send {article} {kind} URL this server "
+                            f"may fetch or the {kind} inline as data:{kind}/...;base64,...", param="messages",
+                       code=f"{kind}_fetch_failed") from None
+
+    def _video(self, url: str, index: int):
+        """A video_url part, under the image URLs' rules."""
+        self._check_url(url, index, "video")
+        try:
+            return self.processor.load_video(url, download=lambda u: self._fetch(u, index, "video"))
         except Idefics3Error as e:
             raise APIError(400, f"video {index}: {e}", param="messages") from None
 
     def _image(self, url: str, index: int):
         param = "messages"
         self._check_url(url, index)
-        try:
-            image = load_image(url, timeout=self.limits.image_timeout, max_bytes=self.limits.max_image_bytes)
-        except Idefics3Error as e:
-            raise APIError(400, f"image {index}: {e}", param=param) from None
+        if url.startswith("data:"):
+            try:
+                image = load_image(url)
+            except Idefics3Error as e:
+                raise APIError(400, f"image {index}: {e}", param=param) from None
+        else:
+            image = self._remote_image(url, index)
         width, height = image.size
         if width * height > self.limits.max_image_pixels:
             raise APIError(400, f"image {index} has {width}x{height} = {width * height} pixels, over this server's "
                                 f"limit of {self.limits.max_image_pixels} (--max-image-pixels); downscale it first",
                            param=param)
         return image
+
+    def _remote_image(self, url: str, index: int):
+        """Fetch and decode; a body that is not an image gets the same message as a refused fetch (`_fetch`)."""
+        data = self._fetch(url, index, "image")
+        try:
+            return load_image(data)
+        except Idefics3Error as e:
+            self._fetch_failed(url, index, "image", e)
 
     def _max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         limits = self.limits

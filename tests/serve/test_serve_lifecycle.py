@@ -51,6 +51,7 @@ def test_sigterm_finishes_the_running_request_then_exits_0():
     (["--demo", "--max-batch-size", "0"], "--max-batch-size must be at least 1"),
     (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
     (["--demo", "--image-cache-mb", "-1"], "--image-cache-mb must be >= 0"),
+    (["--demo", "--request-timeout", "0"], "--request-timeout must be more than 0 seconds"),
 ])
 def test_command_line_mistakes_exit_2_with_one_message(args, message):
     r = subprocess.run([sys.executable, "-m", "mindone_idefics3.serve", *args], cwd=ROOT, capture_output=True,
@@ -65,5 +66,6 @@ def test_help_lists_the_flags():
     for flag in ("--model", "--host", "--port", "--dtype", "--device", "--served-model-name", "--max-batch-size",
                  "--max-queue", "--max-images-per-request", "--max-prompt-tokens", "--max-tokens-limit",
                  "--max-image-pixels", "--api-key", "--no-remote-images", "--demo", "--grace-period",
-                 "--image-cache-mb"):
+                 "--image-cache-mb", "--request-timeout", "--allowed-media-domains", "--allow-private-media-urls",
+                 "--log-format", "--no-access-log"):
         assert flag in r.stdout

@@ -189,3 +189,186 @@ def test_the_image_cache_counters_follow_the_cache_once_per_lookup(engine):
     text = Metrics.render(engine.metrics).decode()
     assert "idefics3_image_cache_hits_total 8.0" in text and "idefics3_image_cache_misses_total 4.0" in text
     loop.close()
+
+
+# ----------------------------------------------------------------------------------------------- clients
+def test_a_job_whose_events_are_not_taken_is_cancelled_and_keeps_one_failed_event():
+    """A client that stops reading: past `max_events` waiting events the job is cancelled (its row is freed at the
+    next token) and its queue holds a single Failed, so memory stays bounded."""
+    from mindone_idefics3.serve.engine import Failed
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(PreparedRequest({}, prompt_tokens=7, max_tokens=100, sampling=Sampling()), loop, max_events=4)
+        metrics = Metrics()
+        row = Row(job, PieceTokenizer(), metrics)
+        for n in range(5):  # five pieces of text, four fit
+            row.add(n, None)
+            loop.run_until_complete(asyncio.sleep(0))
+        assert job.cancelled.is_set() and job.overflowed and not row.done
+        assert job.events.qsize() == 1 and isinstance(job.events.get_nowait(), Failed)
+        row.add(0, None)  # the next step frees the row
+        loop.run_until_complete(asyncio.sleep(0))
+        assert row.done and job.events.empty()
+        assert metrics.finished.labels("cancelled")._value.get() == 1
+    finally:
+        loop.close()
+
+
+def test_a_job_read_as_it_comes_never_overflows():
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(PreparedRequest({}, prompt_tokens=7, max_tokens=100, sampling=Sampling()), loop, max_events=4)
+        row = Row(job, PieceTokenizer(), Metrics())
+        for n in range(50):
+            row.add(n % 5, None)
+            loop.run_until_complete(asyncio.sleep(0))
+            while not job.events.empty():
+                job.events.get_nowait()
+        assert not job.cancelled.is_set() and not row.done
+    finally:
+        loop.close()
+
+
+def test_health_is_alive_and_ready_waits_for_the_engine():
+    from fastapi.testclient import TestClient
+
+    from mindone_idefics3.serve.app import Settings, create_app
+    from mindone_idefics3.serve.engine import Engine
+
+    engine = Engine(lambda: None)  # never started: the model is "loading"
+    client = TestClient(create_app(engine, lambda: None, Settings("m")))  # no `with`: no lifespan, no worker
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "loading"
+    for path in ("/ready", "/health?ready"):
+        r = client.get(path)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5" and r.json()["status"] == "loading"
+    assert client.get("/health").headers["X-Request-Id"].startswith("req-")
+    engine.ready.set()
+    assert client.get("/ready").json()["status"] == "ready" and client.get("/health?ready").status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+    engine.load_error = "OSError: no weights"
+    assert client.get("/health").status_code == 503 and client.get("/ready").status_code == 503
+
+
+def test_access_lines_in_text_and_json():
+    import json
+    import logging
+
+    from mindone_idefics3.serve.logs import ACCESS_LOGGER, JsonFormatter, log_access
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        fields = {"request_id": "chatcmpl-1", "method": "POST", "path": "/v1/chat/completions", "status": 200,
+                  "client": "10.0.0.9", "prompt_tokens": 12, "completion_tokens": 3, "finish_reason": "stop",
+                  "ttft_s": 0.25, "total_s": 1.5}
+        log_access(fields)
+        log_access({"request_id": "req-2", "method": "GET", "path": "/health", "status": 200})  # a probe: DEBUG
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert len(records) == 1
+    assert records[0].getMessage() == ('chatcmpl-1 "POST /v1/chat/completions" status=200 client=10.0.0.9 '
+                                       'prompt_tokens=12 completion_tokens=3 finish_reason=stop ttft_s=0.250 '
+                                       'total_s=1.500')
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["level"] == "info" and line["logger"] == ACCESS_LOGGER
+    assert {k: line[k] for k in fields} == fields
+
+
+def test_a_client_that_never_reads_its_stream_has_its_row_freed_and_the_others_are_served(engine, caplog):
+    """The app in-process over the engine (the fake generation of the `engine` fixture): a streamed request whose
+    `send` never returns after its first chunks — a client that stopped reading — has its row cancelled once its
+    events overflow the job's buffer, a request after it is answered, and after --request-timeout its response is
+    ended. (A real socket cannot show this with the demo checkpoint: loopback's kernel buffers hold all of its
+    longest answer.)"""
+    import json
+    import types
+
+    from mindone_idefics3.serve.app import Settings, create_app
+
+    config = types.SimpleNamespace(text_config=types.SimpleNamespace(max_position_embeddings=10**6))
+    engine._load = lambda: (types.SimpleNamespace(config=config), FakeProcessor(), None)
+    inputs = {"input_ids": np.ones((1, 3), np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+
+    def preparer(body):
+        return PreparedRequest(inputs, 3, body.max_tokens, Sampling())
+
+    app = create_app(engine, lambda: preparer, Settings("m", request_timeout=1.0))
+    cancelled = engine.metrics.finished.labels("cancelled")
+
+    def call(max_tokens, stream, send):
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+                           "stream": stream}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "client": ("10.1.2.3", 5555), "server": ("test", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # no disconnect: the client stays connected
+
+        return app(scope, receive, send)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            while not engine.ready.is_set():
+                await asyncio.sleep(0.01)
+            sent = []
+
+            async def stops_reading(message):
+                sent.append(message)
+                if len(sent) > 2:  # the start and the first chunk went out; then the socket is full
+                    await asyncio.Event().wait()
+
+            stuck = asyncio.create_task(call(100_000, True, stops_reading))
+            for _ in range(500):
+                if cancelled._value.get() == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert cancelled._value.get() == 1, "the unread row was not cancelled"
+            answer = []
+
+            async def reads(message):
+                answer.append(message)
+
+            await asyncio.wait_for(call(5, False, reads), 10)  # the engine serves the next client
+            assert answer[0]["status"] == 200
+            assert json.loads(answer[1]["body"])["usage"]["completion_tokens"] == 5
+            await asyncio.wait_for(stuck, 10)  # --request-timeout ends the unread response
+            assert engine.metrics.running._value.get() == 0
+
+    with caplog.at_level("WARNING", logger="mindone_idefics3.serve"):
+        asyncio.run(main())
+    assert "a client stopped reading its stream" in caplog.text
+    assert "did not take the answer for 1 s" in caplog.text
+    assert engine.metrics.completion_tokens._value.get() < 5_000  # the stuck row was cut off early
+
+
+def test_a_body_over_the_limit_without_content_length_gets_413():
+    """Counted while it arrives (chunked upload): 413 with OpenAI's error body, not FastAPI's generic 400."""
+    from fastapi.testclient import TestClient
+
+    from mindone_idefics3.serve.app import Settings, create_app
+    from mindone_idefics3.serve.engine import Engine
+
+    client = TestClient(create_app(Engine(lambda: None), lambda: None, Settings("m", max_request_bytes=1000)))
+
+    def chunks():
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}]}'
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "--max-request-bytes" in r.json()["error"]["message"]
