@@ -36,6 +36,7 @@ Prints markdown tables (the machine first) and writes benchmarks/results/prefill
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -326,7 +327,8 @@ def main(argv=None) -> int:
     ratio = median["ours"] / median["matmuls"]
     result = dict(
         machine=machine, checkpoint=name, tokens=args.tokens, padded_tokens=prompt_slots(args.tokens, True),
-        cache_slots=cache_len, repeats=args.repeats, load=facts, chunks=[dict(queries=q, keys=k) for q, k in plan],
+        cache_slots=cache_len, repeats=args.repeats, load=facts,
+        idle_pipeline=os.environ.get("MINDONE_IDLE_PIPELINE", "1"), chunks=[dict(queries=q, keys=k) for q, k in plan],
         wall_seconds={k: [round(x, 4) for x in v] for k, v in wall.items() if v},
         cpu_seconds={k: [round(x, 4) for x in v] for k, v in cpu.items() if v},
         ours_generation_stats_prefill_seconds=[round(x, 4) for x in stats_seconds],
