@@ -52,9 +52,11 @@ class DecoderLayerMath(nn.Cell):
     def construct(self, x: Tensor, rope, mask, slots: Tensor, index, cache: str, shape, cache_k, cache_v,
                   *weights) -> Tensor:
         """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernels);
-        shape: (B, S), and the slots attended to with cache "rows" (see `LlamaModel.decode_rows`); slots/index/cache:
-        see `LlamaModel.construct`; cache_k/v: this layer's KV cache (None with
-        cache "none"); weights: the rest of `LlamaDecoderLayer.state()`, as separate arguments."""
+        shape: (B, S), or (B, S, keys) with cache "decode" when slots are keys - S .. keys - 1: attend over the
+        cache's first `keys` slots only (a prefill's chunks: the slots filled so far), or (B, 1, window) with cache
+        "rows" (see `LlamaModel.decode_rows`); slots/index/cache: see `LlamaModel.construct`; cache_k/v: this
+        layer's KV cache (None with cache "none"); weights: the rest of `LlamaDecoderLayer.state()`, as separate
+        arguments."""
         in_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b = weights
         b, s = shape[0], shape[1]
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -67,7 +69,12 @@ class DecoderLayerMath(nn.Cell):
             q, k, v = ops.split(rotate_qkv(qkv, rope), (nq * d, nkv * d, nkv * d), axis=-1)
             q, k = heads_first(q, b, s, nq, d), heads_first(k, b, s, nkv, d)
         v = heads_first(v, b, s, nkv, d)
-        if cache == "decode":  # write the new slots, attend over the whole cache
+        if cache == "decode" and len(shape) > 2:  # new slots [keys - S, keys): attend over the cache's first keys
+            write_cache(cache_k, cache_v, slots, index, k, v)  # a statement: see "fill"
+            before = shape[2] - s  # the earlier slots, read from the cache (not the written ones: reading a slice
+            if before > 0:  # of the cache after the scatter gave stale values on a graph's first run)
+                k, v = ops.cat((cache_k[:, :, :before], k), axis=2), ops.cat((cache_v[:, :, :before], v), axis=2)
+        elif cache == "decode":  # write the new slots, attend over the whole cache
             k, v = write_cache(cache_k, cache_v, slots, index, k, v)
         elif cache == "rows":  # each row writes its own slot (index), attends over the cache's first shape[2] slots
             # the scatters' outputs, sliced: a slice of the Parameter itself was read before the write (stale slot)
@@ -239,74 +246,87 @@ class LlamaModel(nn.Cell):
         `layer_math` that every layer shares (their weights and caches are its inputs), so a compiled call holds
         one layer's activations whatever the number of layers. Returns (B, S, H).
 
-        With eager attention the prompt also goes in chunks of `prefill_chunk` tokens (outer loop; the layers
-        inner): each chunk writes its keys and values and attends over the cache (cache "decode": the earlier
-        chunks, itself causally), so a call holds one chunk's scores — with a mask, MindSpore 2.10's CPU graphs
-        keep the intermediates of every query block of a call alive, which made prefill memory grow with the prompt
-        (docs/mindspore-notes.md). One graph serves every chunk (`extend`); its keys are the whole cache's: the
-        prompt's (key_keep), then every later slot (masked causally). slots must be 0..S-1 (a prefill starts the
-        cache).
+        With eager attention a prompt whose scores would exceed SCORE_BLOCK_ELEMENTS goes in chunks (`extend`, the
+        chunks the outer loop, the layers inner): each chunk writes its keys and values and attends over the slots
+        filled so far — the earlier chunks, itself causally — so a call holds one chunk's scores (with a mask,
+        MindSpore 2.10's CPU graphs keep the intermediates of every query block of a call alive, which made prefill
+        memory grow with the prompt; docs/mindspore-notes.md). slots must be 0..S-1 (a prefill starts the cache).
         """
         if self._layer_graph is None:
             self._layer_graph = jit_cell(self.layer_math)
         b, s, hidden = inputs_embeds.shape
-        chunk = self.prefill_chunk(b, s)
+        if self.prefill_chunk(b, s, s) < s:
+            cache_keep = np.ones((b, self.cache_shape[1]), np.bool_)  # the prompt's key mask, then every later slot
+            if key_keep is not None:
+                cache_keep[:, :s] = key_keep.asnumpy().astype(np.bool_)
+            return self.extend(inputs_embeds, position_ids, Tensor(cache_keep), slots, filled_keys=True)
         h = inputs_embeds.reshape(b * s, hidden)
-        if chunk == s:
-            rope, mask, index = self.tables(position_ids, key_keep, slots, False, True)
-            rope = ms.mutable(rope)  # tensors in a tuple input are graph constants (a recompile per value) else
-            with idle_pipeline():  # compiled calls only: see runtime.idle_pipeline
-                for layer in self.layers:
-                    h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s),
-                                          *as_graph_inputs(layer.state()))
-            return self.norm(h).reshape(b, s, hidden)
-        cache_keep = np.ones((b, self.cache_shape[1]), np.bool_)  # the prompt's key mask, then every later slot
-        if key_keep is not None:
-            cache_keep[:, :s] = key_keep.asnumpy().astype(np.bool_)
-        return self.extend(inputs_embeds, position_ids, Tensor(cache_keep), slots)
+        rope, mask, index = self.tables(position_ids, key_keep, slots, False, True, grouped=True)
+        rope = ms.mutable(rope)  # tensors in a tuple input are graph constants (a recompile per value) else
+        with idle_pipeline():  # compiled calls only: see runtime.idle_pipeline
+            for layer in self.layers:
+                h = self._layer_graph(h, rope, mask, slots, index, "fill", (b, s), *as_graph_inputs(layer.state()))
+        return self.norm(h).reshape(b, s, hidden)
 
-    def extend(self, inputs_embeds: Tensor, position_ids: Tensor, cache_keep: Tensor, slots: Tensor) -> Tensor:
-        """New tokens into the cache at `slots`, attending over the whole cache (cache_keep (B, cache length):
-        False for padded keys) and causally by slot: the chunks of a long prefill, and a conversation's next turn
-        after the tokens it has cached already. `prefill_chunk` tokens per call through the shared compiled layer
-        graph. Returns (B, S, H), normed."""
+    def extend(self, inputs_embeds: Tensor, position_ids: Tensor, cache_keep: Tensor, slots: Tensor,
+               filled_keys: bool = False) -> Tensor:
+        """New tokens into the cache at `slots`, attending causally by slot over the cache (cache_keep (B, cache
+        length): False for padded keys): a conversation's next turn after the tokens it has cached already, and
+        the chunks of a long prefill. `prefill_chunk` tokens per call through the shared compiled layer graph.
+
+        filled_keys: slots are 0..S-1 (a prefill) and each chunk attends over the slots filled so far only, one
+        graph per chunk (their key lengths differ). Otherwise every chunk attends over the whole cache, so one
+        graph serves every turn of a conversation whatever its length (a compile per turn would cost more than
+        the masked tail). Returns (B, S, H), normed."""
         if self._layer_graph is None:
             self._layer_graph = jit_cell(self.layer_math)
         b, s, hidden = inputs_embeds.shape
-        chunk = self.prefill_chunk(b, s)
+        cache_len = self.cache_shape[1]
+        chunk = self.prefill_chunk(b, s, s if filled_keys else cache_len)
         h = inputs_embeds.reshape(b, s, hidden)
         outs = []
         for start in range(0, s, chunk):
-            part = slice(start, start + chunk)
-            rope, mask, index = self.tables(position_ids[:, part], cache_keep, slots[part], False, True)
+            part = slice(start, min(start + chunk, s))
+            n = part.stop - start
+            keys = part.stop if filled_keys else cache_len
+            shape = (b, n, keys) if filled_keys else (b, n)
+            rope, mask, index = self.tables(position_ids[:, part], cache_keep[:, :keys], slots[part], False, True,
+                                            grouped=True)
             rope = ms.mutable(rope)
-            x = h[:, part].reshape(b * chunk, hidden)
+            x = h[:, part].reshape(b * n, hidden)
             chunk_slots = slots[part]
             with idle_pipeline():
                 for layer in self.layers:
-                    x = self._layer_graph(x, rope, mask, chunk_slots, index, "decode", (b, chunk),
+                    x = self._layer_graph(x, rope, mask, chunk_slots, index, "decode", shape,
                                           *as_graph_inputs(layer.state()))
-            outs.append(x.reshape(b, chunk, hidden))
-        return self.norm(ops.cat(outs, axis=1))
+            outs.append(x.reshape(b, n, hidden))
+        return self.norm(outs[0] if len(outs) == 1 else ops.cat(outs, axis=1))
 
-    def prefill_chunk(self, batch: int, length: int) -> int:
-        """Tokens per prefill call: the whole prompt with fused attention kernels (no scores in memory); with
-        eager attention the largest multiple of PREFILL_BUCKET that divides `length` and keeps a call's
-        scores (batch · heads · chunk · cache length) within SCORE_BLOCK_ELEMENTS (at least one multiple)."""
+    def prefill_chunk(self, batch: int, length: int, keys: Optional[int] = None) -> int:
+        """Tokens per prefill call when `length` new tokens attend over at most `keys` slots (default: the whole
+        cache): the whole prompt with fused attention kernels (no scores in memory); with eager attention, when a
+        call's scores (batch · heads · chunk · keys) would exceed SCORE_BLOCK_ELEMENTS, the prompt in the fewest
+        chunks that keep within it, as equal as multiples of PREFILL_BUCKET allow (at least one bucket; the last
+        chunk may be shorter)."""
         if not isinstance(self.attention, EagerAttention) or length % PREFILL_BUCKET:
             return length
-        budget = attention_ops.SCORE_BLOCK_ELEMENTS // (batch * self.cfg.num_attention_heads * self.cache_shape[1])
-        chunk = PREFILL_BUCKET
-        for n in range(PREFILL_BUCKET, min(budget, length) + 1, PREFILL_BUCKET):
-            if length % n == 0:
-                chunk = n
-        return chunk
+        keys = self.cache_shape[1] if keys is None else keys
+        budget = attention_ops.SCORE_BLOCK_ELEMENTS // (batch * self.cfg.num_attention_heads * keys)
+        largest = max(PREFILL_BUCKET, budget // PREFILL_BUCKET * PREFILL_BUCKET)
+        if largest >= length:
+            return length
+        chunks = -(-length // largest)
+        return -(-length // (chunks * PREFILL_BUCKET)) * PREFILL_BUCKET
 
     def tables(self, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor, in_graph: bool,
-               graph_writes: bool):
+               graph_writes: bool, grouped: bool = False):
         """What every layer shares, made once per forward: rotary tables, attention mask, and the cache's scatter
-        indices when the cache is written inside a compiled graph (graph_writes; else None)."""
+        indices when the cache is written inside a compiled graph (graph_writes; else None). grouped: an eager
+        per-query mask laid out for the KV groups (`attention.grouped_bias`: one plain add per layer instead of a
+        broadcast over the groups; the prefill's calls, whose scores it matches in size)."""
         rope = self.rotary_emb(position_ids) if self.fused_rope else self.rotary_emb.row_tables(position_ids)
         mask = self.attention.mask(key_keep, slots, in_graph)
+        if grouped and isinstance(self.attention, EagerAttention):
+            mask = attention_ops.grouped_bias(mask, self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
         index = scatter_index(position_ids.shape[0], self.cfg.num_key_value_heads, slots) if graph_writes else None
         return rope, mask, index

@@ -112,8 +112,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     """Eager scaled dot-product attention with grouped KV heads.
 
     q: (B, Nq, Sq, D); k, v: (B, Nkv, Sk, D) with Nq a multiple of Nkv (head h reads KV head h // (Nq/Nkv), as
-    transformers' `repeat_kv`); bias: `attention_bias`, fp32, broadcastable to (B, 1, Sq, Sk), added to the
-    scaled scores, or None when every key is visible to every query.
+    transformers' `repeat_kv`); bias: `attention_bias`, fp32, broadcastable to (B, 1, Sq, Sk), or that bias laid
+    out for the KV groups by `grouped_bias` (B, Nkv, (Nq/Nkv)·Sq, Sk), added to the scaled scores; or None when
+    every key is visible to every query.
     Returns (B, Sq, Nq·D), ready for the output projection. Softmax runs in fp32 whatever the input dtype.
 
     Long prompts are computed in blocks of queries so that at most SCORE_BLOCK_ELEMENTS fp32 scores exist at a
@@ -127,11 +128,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     block = max(1, SCORE_BLOCK_ELEMENTS // (b * nq * k.shape[2]))
     if sq <= block or not query_blocks:
         return _attention_block(q, k, v, bias, scale)
+    rep = nq // k.shape[1]
     per_query = bias is not None and bias.shape[2] != 1
+    grouped = per_query and rep > 1 and bias.shape[2] == rep * sq
+    if grouped:  # rows (group, query): blocks of queries are taken within each group
+        bias = bias.reshape(b, k.shape[1], rep, sq, bias.shape[-1])
     outs = []
     for i in range(0, sq, block):
-        outs.append(_attention_block(q[:, :, i:i + block], k, v, bias[:, :, i:i + block] if per_query else bias,
-                                     scale))
+        part = bias
+        if grouped:
+            part = bias[:, :, :, i:i + block]
+            part = part.reshape(b, k.shape[1], rep * part.shape[3], part.shape[4])
+        elif per_query:
+            part = bias[:, :, i:i + block]
+        outs.append(_attention_block(q[:, :, i:i + block], k, v, part, scale))
     return ops.cat(outs, axis=1)
 
 
@@ -154,10 +164,7 @@ def _attention_block(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], sc
         scores = scores.astype(ms.float32)
     if not scale_q:
         scores = scores * scale
-    if bias is not None and bias.shape[2] == 1:  # the same keys for every query: broadcasts over the groups
-        scores = scores + bias
-    elif bias is not None:
-        scores = (scores.reshape(b, nkv, rep, sq, sk) + bias[:, :, None]).reshape(b, nkv, rep * sq, sk)
+    scores = add_bias(scores, bias, rep)
     probs = ops.softmax(scores, axis=-1).astype(q.dtype)
     out = ops.matmul(probs, v)  # (B, Nkv, rep·Sq, D)
     if sq == 1:  # one query per row (a decode step): heads are already in output order
@@ -166,6 +173,30 @@ def _attention_block(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], sc
 
 
 _matmul_qk = ops.BatchMatMul(transpose_b=True)
+
+
+def add_bias(scores: Tensor, bias: Optional[Tensor], rep: int) -> Tensor:
+    """Grouped scores (B, Nkv, rep·Sq, Sk) + an `attention` bias (None: unchanged)."""
+    if bias is None:
+        return scores
+    b, nkv, rows, sk = scores.shape
+    if bias.shape[2] == 1 or bias.shape[2] == rows:  # one bias row for every query, or laid out for the groups
+        return scores + bias
+    return (scores.reshape(b, nkv, rep, rows // rep, sk) + bias[:, :, None]).reshape(b, nkv, rows, sk)
+
+
+def grouped_bias(bias: Optional[Tensor], num_heads: int, num_kv_heads: int) -> Optional[Tensor]:
+    """A per-query `attention_bias` (B, 1, Sq, Sk) laid out as `attention`'s grouped scores are, (B, Nkv,
+    (Nq/Nkv)·Sq, Sk), so that adding it is one plain elementwise kernel: MindSpore 2.10's CPU kernel broadcasting
+    (B, 1, Sq, Sk) over the KV groups and their query heads took several times the softmax after it
+    (docs/performance.md). Costs Nq× the bias's memory: as much as the scores of the call (the prefill calls
+    its per chunk, outside the layer loop). A bias of one row per key (B, 1, 1, Sk) and None stay as they are."""
+    if bias is None or bias.shape[2] == 1:
+        return bias
+    b, _, sq, sk = bias.shape
+    rep = num_heads // num_kv_heads
+    expanded = ops.broadcast_to(bias.reshape(b, 1, 1, sq, sk), (b, num_kv_heads, rep, sq, sk))
+    return expanded.reshape(b, num_kv_heads, rep * sq, sk)
 
 
 class EagerAttention(nn.Cell):

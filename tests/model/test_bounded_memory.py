@@ -95,8 +95,9 @@ def test_long_prompt_through_blocks_equals_the_reference(ckpt_a, model_a, monkey
 
 
 def test_prefill_in_chunks_equals_one_call_and_the_reference(ckpt_a, model_a, monkeypatch):
-    """Eager prefill in chunks of 64 tokens attending over the cache (forced by a small score budget) = the whole
-    prompt in one call = transformers, with left padding; and a generated continuation is unchanged."""
+    """Eager prefill in chunks of 64 tokens, each attending over the slots filled so far (forced by a small score
+    budget) = the whole prompt in one call = transformers, with left padding; and a generated continuation is
+    unchanged."""
     from mindone_idefics3.generation import generate
 
     ids, mask, pv, pam = make_batch(ckpt_a, rng=np.random.default_rng(9), images_per_row=[2, 1], text_lens=[150, 60])
@@ -105,12 +106,25 @@ def test_prefill_in_chunks_equals_one_call_and_the_reference(ckpt_a, model_a, mo
     ref = reference_logits(ckpt_a, ids, mask, pv, pam)[:, -1]
     whole, _ = prefill(model_a, ids, mask, pv, pam, cache_len=512, use_jit=True)
     whole_tokens = generate(model_a, ids, mask, pv, pam, max_new_tokens=6)
-    assert text.prefill_chunk(2, 320) == 320  # the default budget takes these prompts whole
-    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 512 * 64)  # chunks of 64 at 512 cache slots
-    text.setup_caches(2, 512)
     slots = -(-ids.shape[1] // 64) * 64
-    assert slots >= 192 and text.prefill_chunk(2, slots) == 64  # three chunks or more
+    assert text.prefill_chunk(2, slots, slots) == slots  # the default budget takes these prompts whole
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 2 * 4 * slots * 64)  # chunks of 64 at the prompt's keys
+    text.setup_caches(2, 512)
+    assert slots >= 192 and text.prefill_chunk(2, slots, slots) == 64  # three chunks or more
+    calls = []
+    real_graph = text._layer_graph
+
+    def recording(x, rope, mask, chunk_slots, index, cache, shape, *state):
+        calls.append((cache, shape, mask.shape))
+        return real_graph(x, rope, mask, chunk_slots, index, cache, shape, *state)
+
+    monkeypatch.setattr(text, "_layer_graph", recording)
     chunked, _ = prefill(model_a, ids, mask, pv, pam, cache_len=512, use_jit=True)
+    monkeypatch.setattr(text, "_layer_graph", real_graph)
+    layers = len(text.layers)
+    # each chunk attends over the keys filled so far, not the cache's 512 slots; its mask laid out per KV group
+    assert [shape for _, shape, _ in calls[::layers]] == [(2, 64, end) for end in range(64, slots + 1, 64)]
+    assert [m for _, _, m in calls[::layers]] == [(2, 2, 2 * 64, end) for end in range(64, slots + 1, 64)]
     assert relative_l2(chunked.asnumpy(), whole.asnumpy()) < 1e-5
     assert relative_l2(chunked.asnumpy(), ref) < 1e-5
     np.testing.assert_array_equal(generate(model_a, ids, mask, pv, pam, max_new_tokens=6), whole_tokens)
@@ -146,3 +160,24 @@ def test_vision_attention_takes_a_chunk_in_one_block_while_text_splits(ckpt_a, m
     calls.clear()
     attention_ops.attention(q, q, q, None, 8 ** -0.5, query_blocks=False)
     assert calls == [32]
+
+
+def test_a_mask_laid_out_for_the_kv_groups_equals_the_broadcast_one(monkeypatch, ms_cpu):
+    """`grouped_bias` (the prefill's mask, one plain add per layer) gives the attention of the (B, 1, Sq, Sk) bias,
+    in one block and in blocks of queries."""
+    rng = np.random.default_rng(1)
+    q = Tensor(rng.standard_normal((2, 6, 37, 8), np.float32))
+    k, v = (Tensor(rng.standard_normal((2, 2, 37, 8), np.float32)) for _ in range(2))
+    keep = rng.random((2, 37)) > 0.2
+    keep[:, -1] = True
+    slots = Tensor(np.arange(37, dtype=np.int32))
+    bias = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep), slots))
+    grouped = attention_ops.grouped_bias(bias, 6, 2)
+    assert grouped.shape == (2, 2, 3 * 37, 37)
+    one = attention_ops.attention(q, k, v, bias, 8 ** -0.5).asnumpy()
+    assert relative_l2(attention_ops.attention(q, k, v, grouped, 8 ** -0.5).asnumpy(), one) < 1e-6
+    monkeypatch.setattr(attention_ops, "SCORE_BLOCK_ELEMENTS", 2 * 6 * 37 * 5)  # blocks of 5 queries
+    assert relative_l2(attention_ops.attention(q, k, v, grouped, 8 ** -0.5).asnumpy(), one) < 1e-6
+    assert attention_ops.grouped_bias(None, 6, 2) is None
+    key_only = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep)))
+    assert attention_ops.grouped_bias(key_only, 6, 2) is key_only
