@@ -7,12 +7,14 @@ the same SmolVLM-256M-shaped checkpoint (random weights), the same batches, on t
 Configurations: LoRA (r 8, alpha 16, no dropout, the default text-model targets) and full fine-tuning (vision tower
 frozen), each without and with recompute (ours: --recompute, each decoder layer under mindspore.recompute;
 transformers: gradient_checkpointing_enable()). Each runs in a process of its own (peak RSS is per process): one
-untimed step (MindSpore compiles its optimizer graph there), then --steps timed optimiser steps of --batch-size
-examples (one 512-px tile per photo, a question and a ~20-token answer; the loss on the answers). Both sides see
-the same collated batches (our data pipeline makes them; transformers gets them as tensors), fp32, the same threads.
+untimed step (MindSpore compiles the frozen vision tower's layer graph there), then --steps timed optimiser steps
+of --batch-size examples (one 512-px tile per photo, a question and a ~20-token answer; the loss on the answers).
+Both sides see the same collated batches (our data pipeline makes them; transformers gets them as tensors), fp32,
+the same threads.
 
 Measured: samples/s and tokens/s (real tokens of the batches / seconds of the timed steps), peak RSS (VmHWM), the
-first timed step's loss on both sides (a sanity check that they train the same thing). Writes a markdown table and
+first timed step's loss on both sides (a sanity check that they train the same thing), the 1-minute load average
+at the start and end of each configuration's timed steps. Writes a markdown table and
 benchmarks/results/finetune-smolvlm-256m-cpu.json (CPU model, cores, load average at start and end).
 """
 from __future__ import annotations
@@ -90,7 +92,7 @@ def ours(job: dict) -> dict:
     from mindone_idefics3.finetune.cli import trainable_full
     from mindone_idefics3.finetune.data import scored_tokens
     from mindone_idefics3.finetune.lora import attach_lora, select_targets
-    from mindone_idefics3.finetune.optim import AdamW, clip_grad_norm
+    from mindone_idefics3.finetune.optim import AdamW, clip_coefficient, grad_norm
 
     select_device("CPU")
     steps = batches(job)
@@ -103,8 +105,7 @@ def ours(job: dict) -> dict:
         params = trainable_full(model, False)
     for p in params:
         p.requires_grad = True
-    model.model.text_model.recompute_layers = job["recompute"]
-    model.model.vision_chunk = 64
+    model.model.text_model.recompute_layers = job["recompute"]  # the vision tower is frozen: no backward through it
     model.set_train(True)
     optimizer = AdamW(params, 1e-4, (0.9, 0.999), 1e-8, 0.0)
 
@@ -114,11 +115,10 @@ def ours(job: dict) -> dict:
 
     grad_fn = ms.value_and_grad(loss_sum, None, params)
 
-    def step(b):
+    def step(b):  # the trainer's update: 1 / labelled tokens and the clipping folded into AdamW's grad_scale
         loss, grads = grad_fn(b)
         n = scored_tokens(b["labels"])
-        grads, _ = clip_grad_norm([g / n for g in grads], 1.0)
-        optimizer.step(grads, 1e-4)
+        optimizer.step(grads, 1e-4, grad_scale=clip_coefficient(grad_norm(grads) / n, 1.0) / n)
         return float(loss.asnumpy()) / n
 
     return timed(job, steps, step)
@@ -166,7 +166,8 @@ def reference(job: dict) -> dict:
 
 
 def timed(job: dict, steps: List[dict], step) -> dict:
-    step(steps[0])  # warm-up (compiles MindSpore's optimizer graph)
+    step(steps[0])  # warm-up (compiles the frozen vision tower's layer graph)
+    load_at_start = os.getloadavg()[0]
     losses, t0 = [], time.perf_counter()
     for b in steps[1:]:
         losses.append(step(b))
@@ -176,7 +177,8 @@ def timed(job: dict, steps: List[dict], step) -> dict:
     return dict(impl=job["impl"], mode=job["mode"], recompute=job["recompute"], steps=len(steps) - 1,
                 batch=job["batch"], seconds=round(seconds, 2), samples_per_s=round(samples / seconds, 4),
                 tokens_per_s=round(tokens / seconds, 1), tokens=tokens, peak_rss_mb=round(peak_rss_bytes() / 2**20),
-                first_loss=round(losses[0], 5))
+                first_loss=round(losses[0], 5), load_average_1min=[round(load_at_start, 1),
+                                                                   round(os.getloadavg()[0], 1)])
 
 
 def child_main(job: dict) -> int:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=float, default=None, help="passes over --data (default 1)")
     o.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout (default 0)")
     o.add_argument("--recompute", action="store_true",
-                   help="recompute each decoder layer's activations in the backward pass (less memory, slower)")
+                   help="recompute each decoder layer's (and a trained vision tower's layers') activations in the "
+                        "backward pass (less memory, slower)")
     r = p.add_argument_group("checkpoints")
     r.add_argument("--save-steps", type=int, default=None, metavar="N",
                    help="write OUT/checkpoint (and the adapter / model files) every N steps; always at the end")
@@ -182,6 +183,8 @@ def run(args) -> int:
         p.requires_grad = True
     if args.recompute:
         model.model.text_model.recompute_layers = True
+        # the vision tower's layers too when it trains (a frozen tower runs without a backward pass)
+        model.model.vision_model.recompute_layers = bool(model.model.vision_model.trainable_params())
     model.set_train(True)
     config = TrainConfig(
         learning_rate=args.learning_rate, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),

@@ -12,7 +12,7 @@ forward prepares its inputs on the host (image tiles, masks, positions) and its 
 so the whole step cannot be one compiled graph. Compiling the decoder layer alone (`jit_cell(layer_math)`, the
 prefill's graph, with the weights as inputs) made the step faster, but MindSpore 2.10 returned the layer
 weights' gradients shifted by the graph's None inputs (the absent KV cache and biases): wrong gradients, so it is
-not used. AdamW's update is MindSpore's own compiled graph.
+not used. AdamW's update is compiled per parameter (optim.py).
 
 Checkpoints (`OUT/checkpoint/`): the trainable weights, AdamW's moments and step, and the trainer state (step,
 examples skipped) — written to a temporary folder and renamed, so a checkpoint is whole or absent. `resume`
@@ -36,7 +36,7 @@ from ..distributed import World
 from ..errors import Idefics3Error
 from ..files import atomic_directory, write_text_atomically
 from .data import Labeler, TrainingData, collate_examples, scored_tokens
-from .optim import AdamW, clip_grad_norm, lr_factor
+from .optim import AdamW, clip_coefficient, grad_norm, lr_factor
 
 CHECKPOINT = "checkpoint"
 TRAIN_LOG = "train_log.jsonl"
@@ -95,9 +95,11 @@ class Trainer:
         self.step, self.skipped, self.progress, self.on_save = 0, 0, progress, on_save
         self.pad_rows = padding_rows(model, self.params)
         self._orders: Dict[int, np.ndarray] = {}
-        # The backward pass keeps every tile's activations anyway: one vision call for all tiles of a batch (the
-        # inference default of one tile per call on the CPU bounds memory only without a backward pass).
-        model.model.vision_chunk = TRAIN_VISION_CHUNK
+        # A trained vision tower keeps every tile's activations for the backward pass anyway: one vision call for
+        # all tiles of a batch. A frozen one runs compiled without a backward pass (model/idefics3.py): the
+        # inference default of tiles per call bounds its memory.
+        if model.model.vision_model.trainable_params():
+            model.model.vision_chunk = TRAIN_VISION_CHUNK
 
     # ------------------------------------------------------------------------------------------- data
     def position(self, p: int) -> Optional[int]:
@@ -143,7 +145,7 @@ class Trainer:
         """One optimiser step (all micro batches of this rank, all-reduced). Returns its log record."""
         t0 = time.perf_counter()
         ms.set_seed(self.cfg.seed * 1_000_003 + self.step)  # dropout masks: a function of the step (resume)
-        grads = [ops.zeros(p.shape, ms.float32) for p in self.params]
+        grads = None  # the first micro batch's gradients, then sums (no zero-filled copy of every weight)
         loss_sum = count = tokens = 0.0
         for indices in self.micro_batches(self.step, self.world.rank):
             samples = self.samples(indices, self.data)
@@ -154,10 +156,13 @@ class Trainer:
             if n == 0:
                 continue
             loss, g = self.grad_fn(batch)
-            grads = [a + b.astype(ms.float32) for a, b in zip(grads, g)]
+            g = [x if x.dtype == ms.float32 else x.astype(ms.float32) for x in g]
+            grads = g if grads is None else [a + b for a, b in zip(grads, g)]
             loss_sum += float(loss.asnumpy())
             count += n
             tokens += float(batch["attention_mask"].sum())
+        if grads is None:  # this rank had nothing to learn from: it still takes part in the AllReduce
+            grads = [ops.zeros(p.shape, ms.float32) for p in self.params]
         totals = Tensor(np.array([loss_sum, count, tokens], np.float64).astype(np.float32))
         reduced = self.world.all_reduce(grads + [totals])
         grads, totals = reduced[:-1], reduced[-1].asnumpy()
@@ -165,13 +170,15 @@ class Trainer:
         if count == 0:
             raise Idefics3Error(f"step {self.step + 1}: no example of the step has a token to learn (all skipped "
                                 "as too long?); check --max-length and the data")
-        grads = [g / count for g in grads]
         for i, row in self.pad_rows.items():  # transformers' Embedding(padding_idx=pad): that row is never trained
             grads[i][row] = 0
-        grads, norm = clip_grad_norm(grads, self.cfg.max_grad_norm)
+        # 1/count and the clipping coefficient go into the update as one factor: no scaled copies of the gradients
+        norm = grad_norm(grads) / count
+        coef = clip_coefficient(norm, self.cfg.max_grad_norm)
         lr = self.cfg.learning_rate * lr_factor(self.cfg.lr_scheduler, self.step, self.cfg.warmup_steps,
                                                 self.total_steps)
-        self.optimizer.step(grads, lr)
+        self.optimizer.step(grads, lr, grad_scale=coef / count)
+        del grads
         self.step += 1
         return {"step": self.step, "loss": loss_sum / count, "lr": lr, "tokens": int(tokens),
                 "seconds": round(time.perf_counter() - t0, 4), "grad_norm": norm}

@@ -116,17 +116,24 @@ class Idefics3Model(nn.Cell):
         """
         h, w = vision.pixel_values.shape[-2:]
         check_patch_grid(h // self.patch_size, w // self.patch_size, self.scale_factor)
+        # Training with a frozen tower: no gradient goes through it, so it runs compiled and unrecorded by autograd
+        # (no activations kept for a backward pass that never comes); the connector after it may still train.
+        frozen = self.training and not self.vision_model.trainable_params()
         run_layer = self.vision_model.layer_math
-        if use_jit:
+        if use_jit or frozen:
             if self._vision_layer_graph is None:
                 self._vision_layer_graph = jit_cell(run_layer)
             run_layer = self._vision_layer_graph
         features = []
         for part in self.chunks(len(vision.pixel_values)):
             keep = vision.patch_keep[part]
-            x = self.vision_model.encode(Tensor(vision.pixel_values[part], dtype),
-                                         None if keep.all() else Tensor(keep), Tensor(vision.position_ids[part]),
-                                         run_layer)
+            inputs = (Tensor(vision.pixel_values[part], dtype), None if keep.all() else Tensor(keep),
+                      Tensor(vision.position_ids[part]), run_layer)
+            if frozen:
+                with ms._no_grad():  # pylint: disable=protected-access  (MindSpore 2.10's no-grad context)
+                    x = self.vision_model.encode(*inputs)
+            else:
+                x = self.vision_model.encode(*inputs)
             features.append(self.connector(x))
         return features[0] if len(features) == 1 else ops.cat(features, axis=0)
 

@@ -175,6 +175,7 @@ class VisionTransformer(nn.Cell):
         self.layer_math = VisionLayerMath(cfg, self.attention)
         self.encoder = VisionEncoder(cfg, dtype)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
+        self.recompute_layers = False  # gradient checkpointing per layer (fine-tuning's --recompute, tower trained)
 
     def construct(self, pixel_values: Tensor, patch_keep: Optional[Tensor], position_ids: Tensor) -> Tensor:
         """patch_keep None: every patch is real (full tiles), no mask needed."""
@@ -187,7 +188,10 @@ class VisionTransformer(nn.Cell):
         mask = self.attention.mask(patch_keep)
         if run_layer is self.layer_math:  # PyNative: the Parameters themselves (gradients reach them)
             for layer in self.encoder.layers:
-                x = run_layer(x, mask, *layer.weights())
+                if self.recompute_layers:  # training: keep each layer's input only, recompute the rest in backward
+                    x = ms.recompute(run_layer, x, mask, *layer.weights(), use_reentrant=False)
+                else:
+                    x = run_layer(x, mask, *layer.weights())
         else:
             with idle_pipeline():  # compiled calls only: see runtime.idle_pipeline
                 for layer in self.encoder.layers:
