@@ -129,7 +129,7 @@ def engine(monkeypatch):
             yield Step(tokens, np.array([t < n for n in limits]), ["length" if t + 1 == n else None for n in limits])
 
     monkeypatch.setattr(runner_module, "generate_steps", fake_generate_steps)
-    e = engine_module.Engine(lambda: None, max_batch_size=8)
+    e = engine_module.Engine(lambda: None, max_batch_size=8, scheduler="static")  # the fake is the static runner's
     e.processor = FakeProcessor()
     e.calls = calls
     return e
