@@ -62,12 +62,17 @@ def test_data_uri_and_loopback_http_videos_give_the_processors_inputs(smol):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
-        fetched = preparer(request(url))
+        # by default a video URL follows the image URLs' address rules: loopback is refused (serve/media.py)
+        with pytest.raises(APIError, match="video 0 could not be fetched from 127.0.0.1; send a video URL"):
+            preparer(request(url))
+        private = Preparer(processor, Limits(context=4096, allow_private_media_urls=True), {})
+        fetched = private(request(url))
         assert (fetched.inputs["input_ids"] == expected["input_ids"]).all()
         with pytest.raises(APIError, match="does not fetch remote videos"):
             Preparer(processor, Limits(context=4096, remote_images=False), {})(request(url))
-        with pytest.raises(APIError, match="larger than"):
-            Preparer(processor, Limits(context=4096, max_image_bytes=1000), {})(request(url))
+        with pytest.raises(APIError, match="video 0 could not be fetched from 127.0.0.1"):  # over the size cap
+            Preparer(processor, Limits(context=4096, max_image_bytes=1000, allow_private_media_urls=True),
+                     {})(request(url))
     finally:
         server.shutdown()
         server.server_close()
