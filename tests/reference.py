@@ -44,3 +44,22 @@ def corrected_position_ids():
     finally:
         for cls, original in zip(classes, originals):
             cls.forward = original
+
+
+def transformers_chat_answer(path, messages, images, max_new_tokens: int, stops) -> str:
+    """transformers' greedy answer to a whole conversation (its processor and model, corrected vision position
+    ids), decoded as a chat turn: up to the first stop token, special tokens skipped, not stripped."""
+    import torch
+    from transformers import Idefics3ForConditionalGeneration as HFModel
+    from transformers import Idefics3Processor as HFProcessor
+
+    processor = HFProcessor.from_pretrained(str(path))
+    model = HFModel.from_pretrained(str(path), attn_implementation="eager").eval()
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt")
+    with torch.no_grad(), corrected_position_ids():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stops),
+                             pad_token_id=0)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return processor.decode(new[:cut], skip_special_tokens=True)

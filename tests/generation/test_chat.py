@@ -24,24 +24,10 @@ def picture(seed: int, width: int, height: int) -> Image.Image:
 
 
 def transformers_answer(path, messages, images, stops) -> str:
-    """transformers' greedy answer to the whole conversation (its processor and model, corrected vision
-    position ids), decoded as a chat turn: up to the first stop token, special tokens skipped."""
-    import torch
-    from transformers import Idefics3ForConditionalGeneration as HFModel
-    from transformers import Idefics3Processor as HFProcessor
+    """transformers' greedy answer to the whole conversation, as a chat turn (stripped, as `ask` returns it)."""
+    from reference import transformers_chat_answer
 
-    from reference import corrected_position_ids
-
-    processor = HFProcessor.from_pretrained(str(path))
-    model = HFModel.from_pretrained(str(path), attn_implementation="eager").eval()
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt")
-    with torch.no_grad(), corrected_position_ids():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(stops),
-                             pad_token_id=0)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return processor.decode(new[:cut], skip_special_tokens=True).strip()
+    return transformers_chat_answer(path, messages, images, MAX_NEW, stops).strip()
 
 
 @pytest.mark.parametrize("use_jit", [True, False], ids=["jit", "pynative"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reference import transformers_chat_answer
 from serve_helpers import Reference, Server, png_data_uri
 
 MODEL = "tiny-idefics3"
@@ -43,27 +44,6 @@ def post(server, messages, max_tokens=12, **extra):
     return httpx.post(server.base + "/chat/completions", json=body, timeout=300)
 
 
-def transformers_answer(path, messages, images, max_tokens, stops) -> str:
-    """transformers' greedy answer to the whole conversation (corrected vision position ids), decoded as the server
-    decodes: up to and without the first stop token, special tokens skipped."""
-    import torch
-    from transformers import Idefics3ForConditionalGeneration as HFModel
-    from transformers import Idefics3Processor as HFProcessor
-
-    from reference import corrected_position_ids
-
-    processor = HFProcessor.from_pretrained(str(path))
-    model = HFModel.from_pretrained(str(path), attn_implementation="eager").eval()
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt")
-    with torch.no_grad(), corrected_position_ids():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(stops),
-                             pad_token_id=0)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return processor.decode(new[:cut], skip_special_tokens=True)
-
-
 def test_warm_up_ran_before_ready(server):
     assert metric(server, "idefics3_warmup_seconds") > 0
 
@@ -92,8 +72,8 @@ def test_a_continued_conversation_reuses_its_image_and_answers_as_transformers(s
     image_token = Idefics3Config.from_json_file(model_dir / "config.json").image_token_id
     assert reused >= int(np.flatnonzero(ids == image_token)[-1]) + 1  # at least up to the image's end
     assert second.json()["usage"]["prompt_tokens"] == len(ids)
-    assert second.json()["choices"][0]["message"]["content"] == transformers_answer(model_dir, template, [photo], 12,
-                                                                                     stops)
+    assert second.json()["choices"][0]["message"]["content"] == transformers_chat_answer(model_dir, template, [photo],
+                                                                                          12, stops)
 
 
 def test_a_client_arriving_while_another_streams_is_answered_before_it_ends(server, model_dir):
