@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import Idefics3Error
-from .image import MAX_IMAGE_SIZE, edge_dict
+from .image import MAX_IMAGE_SIZE, edge_dict, fit_longest_edge
 from .prompt import ImageTokens, image_block
 
 VIDEO_EXTRA = 'pip install "mindone_idefics3[video]"'
@@ -136,18 +136,9 @@ def sample_frame_indices(total_num_frames: int, video_fps: float, duration: floa
 
 
 def resized_size(height: int, width: int, longest_edge: int) -> tuple:
-    """The first resize of `SmolVLMVideoProcessor.resize` (its `get_resize_output_image_size`)."""
-    longest_edge = min(MAX_IMAGE_SIZE, longest_edge)
-    aspect = width / height
-    if width >= height:
-        width = longest_edge
-        height = int(width / aspect)
-        height += height % 2
-    else:
-        height = longest_edge
-        width = int(height * aspect)
-        width += width % 2
-    return max(height, 1), max(width, 1)
+    """The first resize of `SmolVLMVideoProcessor.resize` (its `get_resize_output_image_size`): the image path's
+    longest-edge fit, the edge capped at MAX_IMAGE_SIZE."""
+    return fit_longest_edge(height, width, min(MAX_IMAGE_SIZE, longest_edge))
 
 
 def resize_frame(rgb: np.ndarray, settings: VideoSettings) -> np.ndarray:
