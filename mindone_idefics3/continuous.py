@@ -205,24 +205,22 @@ class ContinuousBatch:
             w = min(self.length, w * 2)
 
     def choose_row(self, ids: np.ndarray, spans: list):
-        """(row index, tokens reused): the parked row that gives the longest prefix, else a row never used, else
-        the least recently used parked one."""
-        best, reused = None, 0
-        for i, slot in enumerate(self.slots):
-            if slot is not None and slot.row is None:
-                m = reusable_prefix(slot.ids, slot.spans, ids, spans)
-                if m > reused:
-                    best, reused = i, m
+        """(row index, tokens reused): the parked row that gives the longest prefix, when that is at least half of
+        what the row holds (as llama.cpp's slot similarity: a short shared start, a system prompt's first tokens,
+        must not cost a conversation its cached turns); else a row never used, else the least recently used
+        parked one (with whatever prefix it gives)."""
+        parked = [i for i, slot in enumerate(self.slots) if slot is not None and slot.row is None]
+        reuse = {i: reusable_prefix(self.slots[i].ids, self.slots[i].spans, ids, spans) for i in parked}
+        best = max((i for i in parked if 2 * reuse[i] >= len(self.slots[i].ids) and reuse[i]),
+                   key=lambda i: reuse[i], default=None)
         if best is None:
             free = [i for i, slot in enumerate(self.slots) if slot is None]
-            parked = [i for i, slot in enumerate(self.slots) if slot is not None and slot.row is None]
             if free:
-                best = free[0]
-            elif parked:
-                best = min(parked, key=lambda i: self.slots[i].used)
-            else:
+                return free[0], 0
+            if not parked:
                 raise Idefics3Error("no row is free")
-        return best, reused
+            best = min(parked, key=lambda i: self.slots[i].used)
+        return best, reuse[best]
 
     def working_cache(self, slots: int):
         """The one-row working cache for a prompt of `slots` slots (a length bucket). Only the last one is kept (the

@@ -157,3 +157,29 @@ def test_a_step_reads_the_slot_it_writes_and_nothing_after_the_row(demo):
         outs.append(logits.asnumpy()[0])
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_a_short_shared_start_does_not_take_a_conversations_row(demo):
+    """A request sharing only the first tokens with a parked conversation takes a free row, so the conversation's
+    next turn still finds its whole prompt (a system prompt's request once overwrote it, leaving 2 tokens)."""
+    _, model, processor = demo
+    batch = ContinuousBatch(model, 4, 512, stop_token_ids(model), prefill_piece=64)
+    photo = picture(6, 150, 100)
+    first_inputs = inputs_for(processor, "What is it?", [photo])
+    first = Row(first_inputs, SamplingParams(max_new_tokens=6))
+    run(batch, {0: [first]})
+    system = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+    other = Row(processor.chat_inputs(system + [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                                 "text": "What is it?"}]}],
+                                      [photo]), SamplingParams(max_new_tokens=6))
+    run(batch, {0: [other]})
+    answer = processor.decode(first.tokens, skip_special_tokens=True).strip()
+    history = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+               {"role": "user", "content": [{"type": "text", "text": "And then?"}]}]
+    follow = Row(processor.chat_inputs(history, [photo]), SamplingParams(max_new_tokens=6))
+    before = batch.reused_tokens
+    run(batch, {0: [follow]})
+    image_end = int(np.flatnonzero(first_inputs["input_ids"][0] == model.config.image_token_id)[-1]) + 1
+    assert batch.reused_tokens - before >= image_end
+    assert follow.tokens == alone(model, follow.inputs, follow.params)
