@@ -45,9 +45,10 @@ class RowsStep(nn.Cell):
         super().__init__()
         self.lm = model
 
-    def construct(self, token: Tensor, position: Tensor, row_slots: Tensor, key_keep: Tensor, last_slot: Tensor):
+    def construct(self, token: Tensor, position: Tensor, rows: Tensor, row_slots: Tensor, key_keep: Tensor,
+                  last_slot: Tensor):
         text = self.lm.model.text_model
-        hidden = text.decode_rows(text.embed_tokens(token), position, key_keep, row_slots, last_slot)
+        hidden = text.decode_rows(text.embed_tokens(token), position, key_keep, rows, row_slots, last_slot)
         logits = self.lm.logits(hidden)[:, -1]
         return ops.argmax(logits, -1).astype(ms.int32), logits
 
@@ -179,7 +180,7 @@ class ContinuousBatch:
         self.joining: Optional[Join] = None
         self.reused_tokens = 0  # prompt tokens taken from parked rows, in all
         self.work = None  # the working cache of the joining request (one row)
-        self._steps: Dict[int, object] = {}  # compiled decode step by window
+        self._steps: Dict[tuple, object] = {}  # compiled decode step by (step rows, window)
         self._clock = 0
 
     # ------------------------------------------------------------------------------------------- state
@@ -194,6 +195,15 @@ class ContinuousBatch:
     def has_room(self) -> bool:
         """Whether a request can start joining now (one joins at a time; it needs a row that nobody runs in)."""
         return self.joining is None and any(slot is None or slot.row is None for slot in self.slots)
+
+    def step_sizes(self) -> List[int]:
+        """Every number of rows a decode step may run (the running rows, padded up to the next of these): a step
+        of one conversation does not pay for the idle rows."""
+        out, n = [], 1
+        while n < self.rows:
+            out.append(n)
+            n *= 2
+        return out + [self.rows]
 
     def windows(self) -> List[int]:
         """Every decode window a step may use."""
@@ -270,36 +280,32 @@ class ContinuousBatch:
 
     def step(self) -> None:
         """One decode step of every running row."""
-        running = self.running
+        running = [i for i, slot in enumerate(self.slots) if slot is not None and slot.row is not None]
         if not running:
             return
-        longest = max(len(slot.ids) for slot in running) + 1
-        window = next(w for w in self.windows() if w >= longest)
-        tokens = np.zeros((self.rows, 1), np.int32)
-        lengths = np.array([0 if slot is None else len(slot.ids) for slot in self.slots], np.int32)
-        keep = np.zeros((self.rows, window), np.bool_)
-        keep[:, 0] = True
-        for i, slot in enumerate(self.slots):
-            if slot is not None and slot.row is not None:
-                tokens[i, 0] = slot.token
-                keep[i, :lengths[i] + 1] = True
-        # rows that do not run write their step's keys after their tokens, where nothing is read
+        size = next(n for n in self.step_sizes() if n >= len(running))
+        order = running + running[:1] * (size - len(running))  # padding: the first row again, same inputs
+        lengths = np.array([len(self.slots[i].ids) for i in order], np.int32)
+        window = next(w for w in self.windows() if w >= lengths.max())
+        keep = np.arange(window + 1)[None] < lengths[:, None]
+        keep[:, window] = True  # the new key (the row's own slot, read from the cache, stays masked)
+        tokens = np.array([[self.slots[i].token] for i in order], np.int32)
         try:
-            ids, logits = self._step(window)(Tensor(tokens), Tensor(lengths[:, None]), Tensor(lengths),
-                                             Tensor(keep), Tensor([window - 1], ms.int32))
+            ids, logits = self._step(size, window)(Tensor(tokens), Tensor(lengths[:, None]),
+                                                   Tensor(np.array(order, np.int32)), Tensor(lengths), Tensor(keep),
+                                                   Tensor([window], ms.int32))
             ids = ids.asnumpy()
-            logits_np = None if all(slot.sampler.greedy for slot in running) else logits.asnumpy()
+            greedy = all(self.slots[i].sampler.greedy for i in running)
+            logits_np = None if greedy else logits.asnumpy()
         except Exception as e:  # noqa: BLE001 - the running rows' failure; the batch goes on with the next rows
-            for i, slot in enumerate(self.slots):
-                if slot is not None and slot.row is not None:
-                    self._fail(slot.row, e)
-                    self.slots[i] = None  # what its cache row holds is unknown now: never a prefix
+            for i in running:
+                self._fail(self.slots[i].row, e)
+                self.slots[i] = None  # what its cache row holds is unknown now: never a prefix
             return
-        for i, slot in enumerate(self.slots):
-            if slot is None or slot.row is None:
-                continue
+        for j, i in enumerate(running):
+            slot = self.slots[i]
             slot.ids = np.append(slot.ids, slot.token)
-            self._emit(slot, self._pick(slot, None if logits_np is None else logits_np[i:i + 1], int(ids[i])))
+            self._emit(slot, self._pick(slot, None if logits_np is None else logits_np[j:j + 1], int(ids[j])))
 
     def _pick(self, slot: Slot, logits: Optional[np.ndarray], argmax: Optional[int]) -> int:
         if slot.sampler.greedy and argmax is not None:
@@ -327,16 +333,16 @@ class ContinuousBatch:
         if not row.done:
             row.fail(error)
 
-    def _step(self, window: int):
-        if window not in self._steps:
-            self._steps[window] = jit_cell(RowsStep(self.model))
-        return self._steps[window]
+    def _step(self, size: int, window: int):
+        if (size, window) not in self._steps:
+            self._steps[size, window] = jit_cell(RowsStep(self.model))
+        return self._steps[size, window]
 
     # ------------------------------------------------------------------------------------------- warm-up
     def warm_up_plan(self, vision: bool = True) -> List[tuple]:
         """What rows joining and leaving compile, as (kind, size) items for `warm_up_one`: a decode step per
         window, the prefill piece per working-cache length, a vision piece per tile count."""
-        plan = [("decode", w) for w in self.windows()]
+        plan = [("decode", (n, w)) for n in self.step_sizes() for w in self.windows()]
         length = cache_length(self.prefill_piece)
         while length <= cache_length(self.length + self.prefill_piece):  # a last piece's padding may run past a row
             plan.append(("prefill", length))
@@ -349,13 +355,16 @@ class ContinuousBatch:
         for kind, n in self.warm_up_plan(vision):
             self.warm_up_one(kind, n)
 
-    def warm_up_one(self, kind: str, n: int) -> None:
+    def warm_up_one(self, kind: str, n) -> None:
         text = self.model.model.text_model
-        if kind == "decode":
-            zeros = np.zeros((self.rows, 1), np.int32)
-            keep = np.zeros((self.rows, n), np.bool_)
-            keep[:, 0] = True
-            self._step(n)(Tensor(zeros), Tensor(zeros), Tensor(zeros[:, 0]), Tensor(keep), Tensor([n - 1], ms.int32))
+        if kind == "decode":  # n: (step rows, window). Row 0 writes its last slot, which no row ever reads (a
+            size, window = n  # request's last token is never fed: `Join` keeps prompt + answer within the row)
+            zeros = np.zeros((size, 1), np.int32)
+            last = np.full(size, self.length - 1, np.int32)
+            keep = np.zeros((size, window + 1), np.bool_)
+            keep[:, window] = True
+            self._step(size, window)(Tensor(zeros), Tensor(last[:, None]), Tensor(zeros[:, 0]), Tensor(last),
+                                     Tensor(keep), Tensor([window], ms.int32))
         elif kind == "prefill":
             piece, hidden = self.prefill_piece, self.model.config.text_config.hidden_size
             work = self.working_cache(n)

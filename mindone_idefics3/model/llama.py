@@ -54,7 +54,7 @@ class DecoderLayerMath(nn.Cell):
         """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernels);
         shape: (B, S), or (B, S, keys) with cache "decode" when slots are keys - S .. keys - 1: attend over the
         cache's first `keys` slots only (a prefill's chunks: the slots filled so far), or (B, 1, window) with cache
-        "rows" (see `LlamaModel.decode_rows`); slots/index/cache: see `LlamaModel.construct`; cache_k/v: this
+        "rows" (see `LlamaModel.decode_rows`); cache "extend": "decode" in `LlamaModel.extend`; slots/index/cache: see `LlamaModel.construct`; cache_k/v: this
         layer's KV cache (None with cache "none"); weights: the rest of `LlamaDecoderLayer.state()`, as separate
         arguments."""
         in_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b = weights
@@ -76,10 +76,20 @@ class DecoderLayerMath(nn.Cell):
                 k, v = ops.cat((cache_k[:, :, :before], k), axis=2), ops.cat((cache_v[:, :, :before], v), axis=2)
         elif cache == "decode":  # write the new slots, attend over the whole cache
             k, v = write_cache(cache_k, cache_v, slots, index, k, v)
-        elif cache == "rows":  # each row writes its own slot (index), attends over the cache's first shape[2] slots
-            # the scatters' outputs, sliced: a slice of the Parameter itself was read before the write (stale slot)
-            k = ops.scatter_nd_update(cache_k, index, k)[:, :, :shape[2]]
-            v = ops.scatter_nd_update(cache_v, index, v)[:, :, :shape[2]]
+        elif cache == "extend":  # the same, for caches passed as graph inputs (`LlamaModel.extend`): there a read
+            # of the cache is not ordered after the in-place write (MindSpore 2.7 read stale slots), so the keys
+            # are the cache as read with the new slots put in functionally — right whichever comes first
+            full_k, full_v = ops.tensor_scatter_update(cache_k, index, k), ops.tensor_scatter_update(cache_v, index, v)
+            write_cache(cache_k, cache_v, slots, index, k, v)  # a statement (see "fill")
+            k, v = full_k, full_v
+        elif cache == "rows":  # step row b is cache row slots[b]: it writes its slot (index), attends over the
+            # cache's first shape[2] slots as read here + its new k/v as one more key. The read may see the slot
+            # before or after the write (the order of a Parameter's read and scatter is not fixed in a graph), so
+            # the mask drops the row's own slot and the appended key stands for it.
+            old_k = ops.gather(cache_k[:, :, :shape[2]], slots, 0)
+            old_v = ops.gather(cache_v[:, :, :shape[2]], slots, 0)
+            write_cache(cache_k, cache_v, None, index, k, v)  # a statement (see "fill")
+            k, v = ops.cat((old_k, k), axis=2), ops.cat((old_v, v), axis=2)
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
             write_cache(cache_k, cache_v, slots, index, k, v)  # unpacked and unused outputs made jit drop the write
         attn = linear(self.attention(q, k, v, mask).reshape(b * s, nq * d), o_w, o_b)
@@ -219,20 +229,23 @@ class LlamaModel(nn.Cell):
                 h = self.layer_math(h, rope, mask, slots, index, cache, (b, s), *layer.state())
         return self.norm(h).reshape(b, s, hidden)
 
-    def decode_rows(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, row_slots: Tensor,
-                    last_slot: Tensor) -> Tensor:
-        """One token per row where each row is at its own length (continuous batching): row b writes its keys and
-        values at slot row_slots[b] and attends over the first W slots, W = key_keep.shape[1] (key_keep (B, W):
-        True for the row's filled slots and its new one). inputs_embeds (B, 1, H); position_ids (B, 1);
-        last_slot: [W - 1] int32 (no key lies after the query: the mask is key_keep alone). Inside a compiled
-        graph only (the cache is written by scatter). Returns (B, 1, H), normed."""
+    def decode_rows(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, rows: Tensor,
+                    row_slots: Tensor, last_slot: Tensor) -> Tensor:
+        """One token per row where each row is at its own length (continuous batching): step row b runs in cache
+        row rows[b], writes its keys and values at slot row_slots[b] and attends over that row's first W slots and
+        its new key, W + 1 = key_keep.shape[1] (key_keep (B, W + 1): True for the row's filled slots and the last
+        key, False for its own slot — see `DecoderLayerMath`, cache "rows"). inputs_embeds (B, 1, H);
+        position_ids (B, 1); rows, row_slots (B,) int32 — a row may appear twice with the same inputs (padding to
+        a compiled batch size: both write the same values); last_slot: [W] int32 (no key lies after the query: the
+        mask is key_keep alone). Inside a compiled graph only (the cache is written by scatter). Returns (B, 1, H),
+        normed."""
         b, s, hidden = inputs_embeds.shape
-        window = key_keep.shape[1]
+        window = key_keep.shape[1] - 1
         rope, mask, _ = self.tables(position_ids, key_keep, last_slot, True, False)
-        index = row_scatter_index(b, self.cfg.num_key_value_heads, row_slots)
+        index = row_scatter_index(self.cfg.num_key_value_heads, rows, row_slots)
         h = inputs_embeds.reshape(b * s, hidden)
         for layer in self.layers:
-            h = self.layer_math(h, rope, mask, row_slots, index, "rows", (b, s, window), *layer.state())
+            h = self.layer_math(h, rope, mask, rows, index, "rows", (b, s, window), *layer.state())
         return self.norm(h).reshape(b, s, hidden)
 
     def recompute_layer(self, *args):
@@ -295,9 +308,10 @@ class LlamaModel(nn.Cell):
             rope = ms.mutable(rope)
             x = h[:, part].reshape(b * n, hidden)
             chunk_slots = slots[part]
+            mode = "decode" if filled_keys else "extend"
             with idle_pipeline():
                 for layer in self.layers:
-                    x = self._layer_graph(x, rope, mask, chunk_slots, index, "decode", shape,
+                    x = self._layer_graph(x, rope, mask, chunk_slots, index, mode, shape,
                                           *as_graph_inputs(layer.state()))
             outs.append(x.reshape(b, n, hidden))
         return self.norm(outs[0] if len(outs) == 1 else ops.cat(outs, axis=1))

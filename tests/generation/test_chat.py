@@ -55,6 +55,26 @@ def test_each_turn_answers_as_transformers_on_the_whole_conversation(demo, use_j
     assert shapes[-1][1] > shapes[0][1]  # the cache grew into a larger bucket, keeping what it held
 
 
+def test_a_sampled_conversation_draws_what_generate_draws_on_the_whole_conversation(demo):
+    """The demo checkpoint's greedy answers hardly depend on the prompt, so they would not notice keys read stale
+    from the cache; a sampled draw does (each turn reseeds, as `generate` does)."""
+    path, model, processor = demo
+    options = dict(do_sample=True, temperature=1.5, top_k=0, seed=11)
+    chat = ChatSession(model, processor, max_new_tokens=MAX_NEW, **options)
+    stops = set(chat.stop.tolist())
+    turns = []
+    for question, images in [("What is it?", [picture(4, 120, 90)]), ("And its colours?", None),
+                             ("Compare it with this one.", [picture(5, 70, 70)])]:
+        answer = chat.ask(question, images)
+        turns.append((list(chat.messages[:-1]), list(chat.images), answer, chat.last_stats.reused_tokens))
+    assert all(reused > 0 for *_, reused in turns[1:])
+    for number, (messages, images, answer, _) in enumerate(turns):  # (a generate in between would end the reuse)
+        inputs = processor.chat_inputs(messages, images)
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, **options)[0, inputs["input_ids"].shape[1]:].tolist()
+        cut = next((i for i, t in enumerate(out) if t in stops), len(out))
+        assert answer == processor.decode(out[:cut], skip_special_tokens=True).strip(), number
+
+
 def test_a_generate_in_between_is_noticed_and_the_next_turn_starts_afresh(demo):
     path, model, processor = demo
     chat = ChatSession(model, processor, max_new_tokens=MAX_NEW, use_jit=False)

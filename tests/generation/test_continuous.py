@@ -76,11 +76,13 @@ def test_rows_joining_at_any_step_answer_as_alone(demo):
     cache = ImageFeatureCache(64 * 2**20)
     batch = ContinuousBatch(model, 4, 256, stop_token_ids(model), image_cache=cache, prefill_piece=64,
                             vision_piece=1)
+    # sampled rows too: the demo checkpoint's greedy answers hardly depend on the prompt (they would not notice
+    # keys read from the wrong row or slot); a sampled draw does
     requests = [
         (inputs_for(processor, "Describe it.", [picture(1, 150, 100)]), SamplingParams(max_new_tokens=30)),
         (inputs_for(processor, "hello there, a text-only question"), SamplingParams(max_new_tokens=9)),
         (inputs_for(processor, "Two of them?", [picture(2, 60, 200), picture(3, 90, 90)]),
-         SamplingParams(max_new_tokens=14)),
+         SamplingParams(max_new_tokens=14, do_sample=True, temperature=1.5, top_k=0, seed=3)),
         (inputs_for(processor, "sampled " * 20), SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.9,
                                                                 top_k=40, seed=7)),
         (inputs_for(processor, "Describe it.", [picture(1, 150, 100)]), SamplingParams(max_new_tokens=5)),
@@ -133,8 +135,9 @@ def test_a_request_too_long_for_a_row_fails_alone(demo):
 
 
 def test_a_step_reads_the_slot_it_writes_and_nothing_after_the_row(demo):
-    """Whatever an earlier row left in the cache does not change a step: the new slot is written before it is read
-    (a slice of the cache once read the old value), and slots after a row's length are masked."""
+    """Whatever an earlier row left in the cache does not change a step: the row's own slot, as read from the cache
+    (before or after the step's write: a graph does not order them), is masked and its new key taken from the step
+    itself, and slots after a row's length are masked."""
     import mindspore as ms
     from mindspore import Tensor, ops
 
@@ -150,10 +153,11 @@ def test_a_step_reads_the_slot_it_writes_and_nothing_after_the_row(demo):
                     values = np.random.default_rng(seed).normal(0, 5, cache.shape).astype(np.float32)
                 values[0, :, :10] = rng.normal(size=values[0, :, :10].shape)  # the row's own 10 tokens
                 ops.assign(cache, Tensor(values))
-        keep = np.zeros((2, 256), np.bool_)
-        keep[0, :11], keep[1, 0] = True, True
-        _, logits = batch._step(256)(Tensor(np.array([[5], [0]], np.int32)), Tensor(np.array([[10], [0]], np.int32)),
-                                     Tensor(np.array([10, 0], np.int32)), Tensor(keep), Tensor([255], ms.int32))
+        keep = np.zeros((2, 257), np.bool_)
+        keep[0, :10], keep[:, 256] = True, True  # row 0's ten tokens; each row's new key
+        _, logits = batch._step(2, 256)(Tensor(np.array([[5], [0]], np.int32)), Tensor(np.array([[10], [0]], np.int32)),
+                                        Tensor(np.array([0, 1], np.int32)), Tensor(np.array([10, 0], np.int32)),
+                                        Tensor(keep), Tensor([256], ms.int32))
         outs.append(logits.asnumpy()[0])
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
