@@ -1,9 +1,11 @@
-"""Continuous batching: the rows of one static KV cache are slots that requests take and leave between decode steps.
+"""Continuous batching: rows of static KV caches are slots that requests take and leave between decode steps.
 
-Row b of the cache holds one sequence from slot 0 on, so a token's slot is its rotary position; every row has its
-own length. A decode step feeds each running row its last token, writes it at the row's length and attends over
-the first W slots (W: a bucket of the longest running row, one compiled graph per bucket, all built by `warm_up`;
-lengths, positions and masks are tensors, so rows joining and leaving compile nothing).
+Each row has a one-row cache of its own holding one sequence from slot 0 on, so a token's slot is its rotary
+position; every row has its own length. A decode step runs the rows that run (padded up to 1, 2, 4 … rows): it
+feeds each its last token, writes it at the row's length and attends over its filled slots
+(`LlamaModel.decode_rows`: the row's cache read in place, masked; the caches are graph inputs, so one compiled
+graph per number of rows serves any rows, all built by `warm_up`; lengths, positions and masks are tensors, so rows
+joining and leaving compile nothing).
 
 A request joins in pieces, one piece between two decode steps, so that the running rows keep streaming: its images
 through the vision tower a few tiles at a time (or from the image-feature cache), then its prompt `prefill_piece`
@@ -30,25 +32,23 @@ from .errors import Idefics3Error
 from .generation import CACHE_BUCKET, Sampler, cache_length
 from .image_cache import ImageFeatureCache
 from .prefix import image_spans, reusable_prefix
-from .runtime import jit_cell
+from .runtime import as_graph_inputs, jit_cell
 
-MIN_WINDOW = 256  # the smallest decode window: shorter rows share its graph (reading 256 slots costs little)
 PREFILL_PIECE = 256  # prompt tokens per prefill piece of a joining request
 VISION_PIECE = 2  # image tiles per vision piece of a joining request
 
 
 class RowsStep(nn.Cell):
-    """One token per row, each row at its own length (`LlamaModel.decode_rows`) → (argmax ids (B,) int32, fp32
-    logits (B, V))."""
+    """One token per row, each row at its own length in its own cache (`LlamaModel.decode_rows`) → (argmax ids
+    (B,) int32, fp32 logits (B, V))."""
 
     def __init__(self, model):
         super().__init__()
         self.lm = model
 
-    def construct(self, token: Tensor, position: Tensor, rows: Tensor, row_slots: Tensor, key_keep: Tensor,
-                  last_slot: Tensor):
+    def construct(self, token: Tensor, position: Tensor, row_slots: Tensor, key_keep: Tensor, *caches):
         text = self.lm.model.text_model
-        hidden = text.decode_rows(text.embed_tokens(token), position, key_keep, rows, row_slots, last_slot)
+        hidden = text.decode_rows(text.embed_tokens(token), position, key_keep, row_slots, caches)
         logits = self.lm.logits(hidden)[:, -1]
         return ops.argmax(logits, -1).astype(ms.int32), logits
 
@@ -107,7 +107,7 @@ class Join:
         self._prefill_piece()
         if self.next < len(self.ids):
             return False
-        self.batch.caches.copy_row(self.index, self.batch.work, 0, len(self.ids))
+        self.batch.caches[self.index].copy_row(0, self.batch.work, 0, len(self.ids))
         return True
 
     def _vision_piece(self) -> bool:
@@ -141,7 +141,7 @@ class Join:
         if start == self.reused:  # the first piece: a working cache for all of them, with the reused prefix
             batch.working_cache(self.reused + -(-(n - self.reused) // piece) * piece)
             if self.reused:
-                batch.work.copy_row(0, batch.caches, self.index, self.reused)
+                batch.work.copy_row(0, batch.caches[self.index], 0, self.reused)
         work = batch.work
         h = self.embeds[:, start - self.reused:min(start + piece, n) - self.reused]
         if h.shape[1] < piece:
@@ -149,10 +149,7 @@ class Join:
         slots = np.arange(start, start + piece, dtype=np.int32)
         keep = Tensor(np.ones((1, work.shape[1]), np.bool_))
         text.use_caches(work)
-        try:
-            hidden = text.extend(h, Tensor(slots[None]), keep, Tensor(slots))
-        finally:
-            text.use_caches(batch.caches)
+        hidden = text.extend(h, Tensor(slots[None]), keep, Tensor(slots))
         self.next = min(start + piece, n)
         if self.next == n:
             last = n - 1 - start
@@ -174,13 +171,14 @@ class ContinuousBatch:
         self.vision_piece = vision_piece
         self.log = log
         text = model.model.text_model
-        self.caches = text.new_caches(rows, length)
-        text.use_caches(self.caches)
+        # a cache of its own for each row: a step reads and writes only the rows that run (MindSpore's CPU
+        # scatter copies the whole tensor it writes into; a copy of a few rows out of one cache cost more still)
+        self.caches = [text.new_caches(1, length) for _ in range(rows)]
         self.slots: List[Optional[Slot]] = [None] * rows  # None: never used
         self.joining: Optional[Join] = None
         self.reused_tokens = 0  # prompt tokens taken from parked rows, in all
         self.work = None  # the working cache of the joining request (one row)
-        self._steps: Dict[tuple, object] = {}  # compiled decode step by (step rows, window)
+        self._steps: Dict[int, object] = {}  # compiled decode step by number of rows (`step_sizes`)
         self._clock = 0
 
     # ------------------------------------------------------------------------------------------- state
@@ -197,22 +195,12 @@ class ContinuousBatch:
         return self.joining is None and any(slot is None or slot.row is None for slot in self.slots)
 
     def step_sizes(self) -> List[int]:
-        """Every number of rows a decode step may run (the running rows, padded up to the next of these): a step
-        of one conversation does not pay for the idle rows."""
+        """Every number of rows a decode step runs (the running rows, padded up to the next of these)."""
         out, n = [], 1
         while n < self.rows:
             out.append(n)
             n *= 2
         return out + [self.rows]
-
-    def windows(self) -> List[int]:
-        """Every decode window a step may use."""
-        out, w = [], min(self.length, max(MIN_WINDOW, CACHE_BUCKET))
-        while True:
-            out.append(w)
-            if w >= self.length:
-                return out
-            w = min(self.length, w * 2)
 
     def choose_row(self, ids: np.ndarray, spans: list):
         """(row index, tokens reused): the parked row that gives the longest prefix, when that is at least half of
@@ -284,16 +272,15 @@ class ContinuousBatch:
         if not running:
             return
         size = next(n for n in self.step_sizes() if n >= len(running))
-        order = running + running[:1] * (size - len(running))  # padding: the first row again, same inputs
+        order = running + running[:1] * (size - len(running))  # padding: the first row again, with the same inputs
         lengths = np.array([len(self.slots[i].ids) for i in order], np.int32)
-        window = next(w for w in self.windows() if w >= lengths.max())
-        keep = np.arange(window + 1)[None] < lengths[:, None]
-        keep[:, window] = True  # the new key (the row's own slot, read from the cache, stays masked)
+        keep = np.arange(self.length)[None] < lengths[:, None]  # the rows' tokens; a new key comes from the step
         tokens = np.array([[self.slots[i].token] for i in order], np.int32)
+        caches = as_graph_inputs([t for n in range(len(self.model.model.text_model.layers)) for i in order
+                                  for t in (self.caches[i].layers[n].k, self.caches[i].layers[n].v)])
         try:
-            ids, logits = self._step(size, window)(Tensor(tokens), Tensor(lengths[:, None]),
-                                                   Tensor(np.array(order, np.int32)), Tensor(lengths), Tensor(keep),
-                                                   Tensor([window], ms.int32))
+            ids, logits = self._step(size)(Tensor(tokens), Tensor(lengths[:, None]), Tensor(lengths), Tensor(keep),
+                                           *caches)
             ids = ids.asnumpy()
             greedy = all(self.slots[i].sampler.greedy for i in running)
             logits_np = None if greedy else logits.asnumpy()
@@ -306,6 +293,11 @@ class ContinuousBatch:
             slot = self.slots[i]
             slot.ids = np.append(slot.ids, slot.token)
             self._emit(slot, self._pick(slot, None if logits_np is None else logits_np[j:j + 1], int(ids[j])))
+
+    def _step(self, size: int):
+        if size not in self._steps:
+            self._steps[size] = jit_cell(RowsStep(self.model))
+        return self._steps[size]
 
     def _pick(self, slot: Slot, logits: Optional[np.ndarray], argmax: Optional[int]) -> int:
         if slot.sampler.greedy and argmax is not None:
@@ -333,16 +325,11 @@ class ContinuousBatch:
         if not row.done:
             row.fail(error)
 
-    def _step(self, size: int, window: int):
-        if (size, window) not in self._steps:
-            self._steps[size, window] = jit_cell(RowsStep(self.model))
-        return self._steps[size, window]
-
     # ------------------------------------------------------------------------------------------- warm-up
     def warm_up_plan(self, vision: bool = True) -> List[tuple]:
-        """What rows joining and leaving compile, as (kind, size) items for `warm_up_one`: a decode step per
-        window, the prefill piece per working-cache length, a vision piece per tile count."""
-        plan = [("decode", (n, w)) for n in self.step_sizes() for w in self.windows()]
+        """What rows joining and leaving compile, as (kind, size) items for `warm_up_one`: the decode step,
+        the prefill piece per working-cache length, a vision piece per tile count."""
+        plan = [("decode", n) for n in self.step_sizes()]
         length = cache_length(self.prefill_piece)
         while length <= cache_length(self.length + self.prefill_piece):  # a last piece's padding may run past a row
             plan.append(("prefill", length))
@@ -355,26 +342,21 @@ class ContinuousBatch:
         for kind, n in self.warm_up_plan(vision):
             self.warm_up_one(kind, n)
 
-    def warm_up_one(self, kind: str, n) -> None:
+    def warm_up_one(self, kind: str, n: int) -> None:
         text = self.model.model.text_model
-        if kind == "decode":  # n: (step rows, window). Row 0 writes its last slot, which no row ever reads (a
-            size, window = n  # request's last token is never fed: `Join` keeps prompt + answer within the row)
-            zeros = np.zeros((size, 1), np.int32)
-            last = np.full(size, self.length - 1, np.int32)
-            keep = np.zeros((size, window + 1), np.bool_)
-            keep[:, window] = True
-            self._step(size, window)(Tensor(zeros), Tensor(last[:, None]), Tensor(zeros[:, 0]), Tensor(last),
-                                     Tensor(keep), Tensor([window], ms.int32))
+        if kind == "decode":  # n rows: row 0, written at its last slot, which no row ever reads (a request's last
+            zeros = np.zeros((n, 1), np.int32)  # token is never fed: `Join` keeps prompt + answer within the row)
+            last = np.full(n, self.length - 1, np.int32)
+            caches = as_graph_inputs([t for layer in self.caches[0].layers for _ in range(n) for t in (layer.k, layer.v)])
+            self._step(n)(Tensor(zeros), Tensor(last[:, None]), Tensor(last), Tensor(np.zeros((n, self.length),
+                                                                                            np.bool_)), *caches)
         elif kind == "prefill":
             piece, hidden = self.prefill_piece, self.model.config.text_config.hidden_size
             work = self.working_cache(n)
             slots = np.arange(piece, dtype=np.int32)
             text.use_caches(work)
-            try:
-                text.extend(ops.zeros((1, piece, hidden), self.model.dtype), Tensor(slots[None]),
-                            Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
-            finally:
-                text.use_caches(self.caches)
+            text.extend(ops.zeros((1, piece, hidden), self.model.dtype), Tensor(slots[None]),
+                        Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
         elif kind in ("vision", "vision padded"):
             size = self.model.config.vision_config.image_size
             mask = np.ones((1, n, size, size), np.int64)

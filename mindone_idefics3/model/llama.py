@@ -53,10 +53,10 @@ class DecoderLayerMath(nn.Cell):
                   *weights) -> Tensor:
         """x (B·S, H) → (B·S, H). rope: `RotaryEmbedding.row_tables` (eager) or its (cos, sin) (fused kernels);
         shape: (B, S), or (B, S, keys) with cache "decode" when slots are keys - S .. keys - 1: attend over the
-        cache's first `keys` slots only (a prefill's chunks: the slots filled so far), or (B, 1, window) with cache
-        "rows" (see `LlamaModel.decode_rows`); cache "extend": "decode" in `LlamaModel.extend`; slots/index/cache: see `LlamaModel.construct`; cache_k/v: this
-        layer's KV cache (None with cache "none"); weights: the rest of `LlamaDecoderLayer.state()`, as separate
-        arguments."""
+        cache's first `keys` slots only (a prefill's chunks: the slots filled so far); cache "rows": see
+        `LlamaModel.decode_rows` (mask: its eager bias); cache "extend": "decode" in `LlamaModel.extend`;
+        slots/index/cache: see `LlamaModel.construct`; cache_k/v: this layer's KV cache (None with cache "none");
+        weights: the rest of `LlamaDecoderLayer.state()`, as separate arguments."""
         in_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b = weights
         b, s = shape[0], shape[1]
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -82,17 +82,27 @@ class DecoderLayerMath(nn.Cell):
             full_k, full_v = ops.tensor_scatter_update(cache_k, index, k), ops.tensor_scatter_update(cache_v, index, v)
             write_cache(cache_k, cache_v, slots, index, k, v)  # a statement (see "fill")
             k, v = full_k, full_v
-        elif cache == "rows":  # step row b is cache row slots[b]: it writes its slot (index), attends over the
-            # cache's first shape[2] slots as read here + its new k/v as one more key. The read may see the slot
-            # before or after the write (the order of a Parameter's read and scatter is not fixed in a graph), so
-            # the mask drops the row's own slot and the appended key stands for it.
-            old_k = ops.gather(cache_k[:, :, :shape[2]], slots, 0)
-            old_v = ops.gather(cache_v[:, :, :shape[2]], slots, 0)
-            write_cache(cache_k, cache_v, None, index, k, v)  # a statement (see "fill")
-            k, v = ops.cat((old_k, k), axis=2), ops.cat((old_v, v), axis=2)
+        elif cache == "rows":  # row j: its own one-row cache (cache_k/v[j]), written at its slot (index[j]);
+            # attention over the cache as read + the new k/v as one more key, the row's own slot masked: a graph
+            # does not order a read of the cache after the in-place write, and copying the cache to append the key
+            # cost more than the layer (MindSpore's CPU copies)
+            outs = []
+            for j in range(b):
+                write_cache(cache_k[j], cache_v[j], None, index[j], k[j:j + 1], v[j:j + 1])  # a statement ("fill")
+                outs.append(attention_ops.attention_with_new_key(q[j:j + 1], cache_k[j], cache_v[j], mask[j:j + 1],
+                                                                 k[j:j + 1], v[j:j + 1], self.attention.scale))
+            attn = outs[0] if b == 1 else ops.cat(outs, axis=0)
+            return self.rest(x, attn, b, s, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b)
         elif cache == "fill":  # prefill: fill the cache, attend over the prompt's own k/v. A statement on purpose:
             write_cache(cache_k, cache_v, slots, index, k, v)  # unpacked and unused outputs made jit drop the write
-        attn = linear(self.attention(q, k, v, mask).reshape(b * s, nq * d), o_w, o_b)
+        return self.rest(x, self.attention(q, k, v, mask), b, s, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w,
+                         down_b)
+
+    def rest(self, x: Tensor, attn: Tensor, b: int, s: int, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w,
+             down_b) -> Tensor:
+        """The layer after attention: output projection, residual, norm, MLP, residual."""
+        nq, d = self.num_heads, self.head_dim
+        attn = linear(attn.reshape(b * s, nq * d), o_w, o_b)
         h, normed = add_rms_norm(x, attn, post_norm, self.eps, self.fused)  # h = x + attn, normed = norm(h)
         gate_up = linear(normed, gate_up_w, gate_up_b)  # gate ‖ up: swiglu's silu(first half) · second half
         if self.fused:
@@ -229,23 +239,25 @@ class LlamaModel(nn.Cell):
                 h = self.layer_math(h, rope, mask, slots, index, cache, (b, s), *layer.state())
         return self.norm(h).reshape(b, s, hidden)
 
-    def decode_rows(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, rows: Tensor,
-                    row_slots: Tensor, last_slot: Tensor) -> Tensor:
-        """One token per row where each row is at its own length (continuous batching): step row b runs in cache
-        row rows[b], writes its keys and values at slot row_slots[b] and attends over that row's first W slots and
-        its new key, W + 1 = key_keep.shape[1] (key_keep (B, W + 1): True for the row's filled slots and the last
-        key, False for its own slot — see `DecoderLayerMath`, cache "rows"). inputs_embeds (B, 1, H);
-        position_ids (B, 1); rows, row_slots (B,) int32 — a row may appear twice with the same inputs (padding to
-        a compiled batch size: both write the same values); last_slot: [W] int32 (no key lies after the query: the
-        mask is key_keep alone). Inside a compiled graph only (the cache is written by scatter). Returns (B, 1, H),
-        normed."""
+    def decode_rows(self, inputs_embeds: Tensor, position_ids: Tensor, key_keep: Tensor, row_slots: Tensor,
+                    caches: tuple) -> Tensor:
+        """One token per row where each row has a one-row cache of its own at its own length (continuous
+        batching): row b writes its keys and values at slot row_slots[b] of its cache and attends over the slots
+        where key_keep (B, cache length) is True — its filled slots, not the new one (`DecoderLayerMath`, cache
+        "rows": the new key is the step's own) — and its new key. caches: for each layer, for each row, its k and
+        v (graph inputs, `runtime.as_graph_inputs`); a row may come twice (padding to a compiled batch size: both
+        write the same values). inputs_embeds (B, 1, H); position_ids (B, 1). The eager attention math on every
+        device (one query per row over its cache read in place). Inside a compiled graph only (the caches are
+        written by scatter). Returns (B, 1, H), normed."""
         b, s, hidden = inputs_embeds.shape
-        window = key_keep.shape[1] - 1
-        rope, mask, _ = self.tables(position_ids, key_keep, last_slot, True, False)
-        index = row_scatter_index(self.cfg.num_key_value_heads, rows, row_slots)
+        rope = self.rope(position_ids)
+        bias = attention_ops.attention_bias(key_keep[:, None, None, :])
+        index = tuple(row_scatter_index(1, self.cfg.num_key_value_heads, row_slots[j:j + 1]) for j in range(b))
         h = inputs_embeds.reshape(b * s, hidden)
-        for layer in self.layers:
-            h = self.layer_math(h, rope, mask, rows, index, "rows", (b, s, window), *layer.state())
+        for i, layer in enumerate(self.layers):
+            mine = caches[2 * b * i:2 * b * (i + 1)]
+            h = self.layer_math(h, rope, bias, row_slots, index, "rows", (b, s), mine[0::2], mine[1::2],
+                                *layer.state()[2:])
         return self.norm(h).reshape(b, s, hidden)
 
     def recompute_layer(self, *args):
@@ -332,13 +344,17 @@ class LlamaModel(nn.Cell):
         chunks = -(-length // largest)
         return -(-length // (chunks * PREFILL_BUCKET)) * PREFILL_BUCKET
 
+    def rope(self, position_ids: Tensor):
+        """The rotary tables of the layers' rotation (see `DecoderLayerMath`)."""
+        return self.rotary_emb(position_ids) if self.fused_rope else self.rotary_emb.row_tables(position_ids)
+
     def tables(self, position_ids: Tensor, key_keep: Optional[Tensor], slots: Tensor, in_graph: bool,
                graph_writes: bool, grouped: bool = False):
         """What every layer shares, made once per forward: rotary tables, attention mask, and the cache's scatter
         indices when the cache is written inside a compiled graph (graph_writes; else None). grouped: an eager
         per-query mask laid out for the KV groups (`attention.grouped_bias`: one plain add per layer instead of a
         broadcast over the groups; the prefill's calls, whose scores it matches in size)."""
-        rope = self.rotary_emb(position_ids) if self.fused_rope else self.rotary_emb.row_tables(position_ids)
+        rope = self.rope(position_ids)
         mask = self.attention.mask(key_keep, slots, in_graph)
         if grouped and isinstance(self.attention, EagerAttention):
             mask = attention_ops.grouped_bias(mask, self.cfg.num_attention_heads, self.cfg.num_key_value_heads)

@@ -145,6 +145,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: fl
     return ops.cat(outs, axis=1)
 
 
+def attention_with_new_key(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, k_new: Tensor, v_new: Tensor,
+                           scale: float) -> Tensor:
+    """`attention` of one query per row over keys k, v (B, Nkv, Sk, D) and one more key k_new, v_new (B, Nkv, 1, D),
+    as if it were appended, without making the (B, Nkv, Sk + 1, D) copy (a decode step over a whole KV cache read
+    in place; MindSpore's CPU kernels copy slices and concatenations slowly). The softmax is taken over both parts
+    by hand: exp(s - max) / sum, fp32. q (B, Nq, 1, D); bias: `attention_bias` (B, 1, 1, Sk) for k. Returns
+    (B, 1, Nq·D)."""
+    b, nq, _, d = q.shape
+    nkv = k.shape[1]
+    q = q.reshape(b, nkv, nq // nkv, d)
+    scores = _matmul_qk(q, k).astype(ms.float32) * scale + bias  # (B, Nkv, rep, Sk)
+    new = _matmul_qk(q, k_new).astype(ms.float32) * scale  # (B, Nkv, rep, 1)
+    top = ops.maximum(scores.max(axis=-1, keepdims=True), new)
+    e, e_new = ops.exp(scores - top), ops.exp(new - top)
+    total = e.sum(axis=-1, keepdims=True) + e_new
+    out = (ops.matmul((e / total).astype(q.dtype), v) + (e_new / total).astype(q.dtype) * v_new)  # (B, Nkv, rep, D)
+    return out.reshape(b, 1, nq * d)
+
+
 SCORE_BLOCK_ELEMENTS = 1 << 22  # fp32 attention scores computed at once by the eager path (16 MB)
 
 

@@ -24,15 +24,13 @@ def scatter_index(batch: int, kv_heads: int, slots: Tensor) -> Tensor:
                     ops.broadcast_to(slots.astype(ms.int32).reshape(1, 1, s, 1), (batch, kv_heads, s, 1))), -1)
 
 
-def row_scatter_index(kv_heads: int, rows: Tensor, row_slots: Tensor) -> Tensor:
-    """(B, kv_heads, 1, 3) int32 `scatter_nd_update` indices of one new slot per step row: (rows[b], head,
+def row_scatter_index(batch: int, kv_heads: int, row_slots: Tensor) -> Tensor:
+    """(batch, kv_heads, 1, 3) int32 `scatter_nd_update` indices of one new slot per row: (b, head,
     row_slots[b]) — rows at lengths of their own (continuous batching)."""
-    batch = rows.shape[0]
-    heads = Tensor(np.arange(kv_heads, dtype=np.int32).reshape(1, kv_heads, 1, 1))
-    return ops.cat((ops.broadcast_to(rows.astype(ms.int32).reshape(batch, 1, 1, 1), (batch, kv_heads, 1, 1)),
-                    ops.broadcast_to(heads, (batch, kv_heads, 1, 1)),
-                    ops.broadcast_to(row_slots.astype(ms.int32).reshape(batch, 1, 1, 1), (batch, kv_heads, 1, 1))),
-                   -1)
+    grid = np.stack(np.meshgrid(np.arange(batch), np.arange(kv_heads), indexing="ij"), -1)
+    rows = Tensor(grid.reshape(batch, kv_heads, 1, 2).astype(np.int32))
+    slots = ops.broadcast_to(row_slots.astype(ms.int32).reshape(batch, 1, 1, 1), (batch, kv_heads, 1, 1))
+    return ops.cat((rows, slots), -1)
 
 
 def write_cache(cache_k: Tensor, cache_v: Tensor, slots: Tensor, index, k: Tensor, v: Tensor):

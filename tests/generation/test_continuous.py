@@ -138,7 +138,6 @@ def test_a_step_reads_the_slot_it_writes_and_nothing_after_the_row(demo):
     """Whatever an earlier row left in the cache does not change a step: the row's own slot, as read from the cache
     (before or after the step's write: a graph does not order them), is masked and its new key taken from the step
     itself, and slots after a row's length are masked."""
-    import mindspore as ms
     from mindspore import Tensor, ops
 
     _, model, _ = demo
@@ -146,18 +145,21 @@ def test_a_step_reads_the_slot_it_writes_and_nothing_after_the_row(demo):
     for seed in (None, 1, 2):
         batch = ContinuousBatch(model, 2, 256, stop_token_ids(model))
         rng = np.random.default_rng(0)
-        for layer in batch.caches.layers:
-            for cache in (layer.k, layer.v):
-                values = np.zeros(cache.shape, np.float32)
-                if seed is not None:  # an earlier occupant's keys and values, also in the slot about to be written
-                    values = np.random.default_rng(seed).normal(0, 5, cache.shape).astype(np.float32)
-                values[0, :, :10] = rng.normal(size=values[0, :, :10].shape)  # the row's own 10 tokens
-                ops.assign(cache, Tensor(values))
-        keep = np.zeros((2, 257), np.bool_)
-        keep[0, :10], keep[:, 256] = True, True  # row 0's ten tokens; each row's new key
-        _, logits = batch._step(2, 256)(Tensor(np.array([[5], [0]], np.int32)), Tensor(np.array([[10], [0]], np.int32)),
-                                        Tensor(np.array([0, 1], np.int32)), Tensor(np.array([10, 0], np.int32)),
-                                        Tensor(keep), Tensor([256], ms.int32))
+        for row, caches in enumerate(batch.caches):
+            for layer in caches.layers:
+                for cache in (layer.k, layer.v):
+                    values = np.zeros(cache.shape, np.float32)
+                    if seed is not None:  # an earlier occupant's keys and values, also in the slot about to be written
+                        values = np.random.default_rng(seed).normal(0, 5, cache.shape).astype(np.float32)
+                    if row == 0:
+                        values[0, :, :10] = rng.normal(size=values[0, :, :10].shape)  # the row's own 10 tokens
+                    ops.assign(cache, Tensor(values))
+        keep = np.zeros((2, 256), np.bool_)
+        keep[0, :10] = True  # row 0's ten tokens (each row's new key comes from the step)
+        caches = [Tensor(t) for n in range(len(batch.caches[0].layers)) for row in (0, 1)
+                  for t in (batch.caches[row].layers[n].k, batch.caches[row].layers[n].v)]
+        _, logits = batch._step(2)(Tensor(np.array([[5], [0]], np.int32)), Tensor(np.array([[10], [0]], np.int32)),
+                                   Tensor(np.array([10, 0], np.int32)), Tensor(keep), *caches)
         outs.append(logits.asnumpy()[0])
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
