@@ -141,10 +141,9 @@ class Trainer:
         return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
                           batch.get("pixel_attention_mask"), labels=batch["labels"], num_items_in_batch=1.0).loss
 
-    def train_step(self) -> dict:
-        """One optimiser step (all micro batches of this rank, all-reduced). Returns its log record."""
-        t0 = time.perf_counter()
-        ms.set_seed(self.cfg.seed * 1_000_003 + self.step)  # dropout masks: a function of the step (resume)
+    def local_sums(self) -> Tuple[List[Tensor], Tensor]:
+        """This rank's part of the current step: the summed fp32 gradients of its micro batches' summed token
+        losses, and (loss sum, labelled tokens, tokens) — what train_step adds up over the ranks."""
         grads = None  # the first micro batch's gradients, then sums (no zero-filled copy of every weight)
         loss_sum = count = tokens = 0.0
         for indices in self.micro_batches(self.step, self.world.rank):
@@ -163,7 +162,13 @@ class Trainer:
             tokens += float(batch["attention_mask"].sum())
         if grads is None:  # this rank had nothing to learn from: it still takes part in the AllReduce
             grads = [ops.zeros(p.shape, ms.float32) for p in self.params]
-        totals = Tensor(np.array([loss_sum, count, tokens], np.float64).astype(np.float32))
+        return grads, Tensor(np.array([loss_sum, count, tokens], np.float64).astype(np.float32))
+
+    def train_step(self) -> dict:
+        """One optimiser step (all micro batches of this rank, all-reduced). Returns its log record."""
+        t0 = time.perf_counter()
+        ms.set_seed(self.cfg.seed * 1_000_003 + self.step)  # dropout masks: a function of the step (resume)
+        grads, totals = self.local_sums()
         reduced = self.world.all_reduce(grads + [totals])
         grads, totals = reduced[:-1], reduced[-1].asnumpy()
         loss_sum, count, tokens = float(totals[0]), float(totals[1]), float(totals[2])
