@@ -29,8 +29,12 @@ def test_msrun_two_workers_of_batch_1_equal_one_worker_of_batch_2(tmp_path):
 
     model = write_demo_checkpoint(tmp_path / "model")
     data = write_dataset(tmp_path / "data", 8)
+    # Adam's eps 1e-4, not 1e-8: at eps 1e-8 one gradient element cancels to ~8 eps, where Adam's first step turns
+    # the gradients' fp32 rounding (2e-7 of their largest, the same as reordering one worker's batch) into 3.2e-6 of
+    # that weight — the comparison would measure rounding, not data parallelism (docs/finetune.md, known limits;
+    # test_finetune_parity compares the reduced gradients themselves, before any update, within 2e-6)
     args = ["--model", str(model), "--data", str(data), "--max-steps", "3", "--lora-dropout", "0", "--grad-accum",
-            "2", "--no-image-splitting", "--no-progress", "--learning-rate", "1e-2"]
+            "2", "--no-image-splitting", "--no-progress", "--learning-rate", "1e-2", "--adam-epsilon", "1e-4"]
     one = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args, "-o", str(tmp_path / "one"),
                           "--batch-size", "2"], capture_output=True, text=True, timeout=900, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
