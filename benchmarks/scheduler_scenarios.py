@@ -94,8 +94,10 @@ def poisson(bench, args, server, images) -> Dict:
 
 
 def arrival(bench, args, server, images) -> Dict:
-    b_body = request(images[0], bench.QUESTIONS[0], args.max_tokens)
-    alone = stream(server.base, b_body)
+    alone = stream(server.base, request(images[0], bench.QUESTIONS[0], args.max_tokens))
+    # B's photo while A streams is another of the same size (as many tiles and tokens): with the photo B sent alone,
+    # the image-feature cache and the parked row would give B its answer without the vision and prefill measured
+    b_body = request(images[3], bench.QUESTIONS[0], args.max_tokens)
     a_body = request(images[1 % len(images)], "Tell me a very long story about this picture.", args.long_tokens)
     started = threading.Event()
     a_result: Dict = {}
@@ -113,7 +115,7 @@ def arrival(bench, args, server, images) -> Dict:
     thread.join()
     return dict(b_alone_ttft=round(alone["ttft"], 2), b_ttft_while_a_streams=round(b["ttft"], 2),
                 bound_1_5x_plus_5s=round(1.5 * alone["ttft"] + 5, 2), within_bound=b["ttft"] <= 1.5 * alone["ttft"] + 5,
-                b_answer_equals_alone=b["text"] == alone["text"], b_finished_before_a=b_done_while_a_streams,
+                b_finished_before_a=b_done_while_a_streams,
                 a_was_streaming_when_b_sent=a_streaming, a_tokens=a_result.get("completion_tokens"),
                 a_max_gap_s=round(a_result.get("max_gap", float("nan")), 2), a_ttft=round(a_result["ttft"], 2))
 
@@ -165,7 +167,7 @@ def main(args, bench) -> int:
     load_at_start = os.getloadavg()[0]
     work = Path(args.work_dir)
     checkpoint = bench.serve_checkpoint(work)
-    images = bench.photo_uris(work / "serve-photos", max(args.requests, 3) if args.scenario == "poisson" else 3,
+    images = bench.photo_uris(work / "serve-photos", max(args.requests, 4) if args.scenario == "poisson" else 4,
                               args.width, args.height)
     run = {"poisson": poisson, "arrival": arrival, "soak": soak}[args.scenario]
     rows = []

@@ -30,7 +30,8 @@ same run, and writes serve-<scenario>-smolvlm-256m-cpu.json/.md):
 - poisson: requests arrive at random (exponential gaps, mean 1/--rate s, seeded), each from its own client; TTFT
   and latency p50/p95, aggregate completion tokens/s (all tokens / first send → last end).
 - arrival: client A streams a --long-tokens answer; once A has streamed 20 tokens, client B sends a photo question
-  (--max-tokens). B's TTFT against B alone (measured first, same server), A's largest gap between two chunks.
+  (--max-tokens). B's TTFT against B alone (measured first, same server, another photo of the same size: nothing
+  of B's is cached), A's largest gap between two chunks.
 - soak: 4 clients send --requests short mixed requests (text only, photo, repeated photo, sampled with a seed);
   greedy answers compared with the first answer to the same request, server RSS after the 20th and the last.
 """

@@ -181,3 +181,30 @@ def test_a_mask_laid_out_for_the_kv_groups_equals_the_broadcast_one(monkeypatch,
     assert attention_ops.grouped_bias(None, 6, 2) is None
     key_only = attention_ops.attention_bias(attention_ops.make_keep_mask(Tensor(keep)))
     assert attention_ops.grouped_bias(key_only, 6, 2) is key_only
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "jit"])
+def test_attention_with_a_new_key_equals_attention_over_the_keys_with_it_appended(ms_cpu, compiled):
+    """A continuous decode step's attention (`attention_with_new_key`: the cache read in place, its masked slots
+    holding anything, the step's key added to the softmax by hand) equals `attention` over the cache with the new
+    key appended — also when the cache's scores are far above the new key's, or all masked."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((3, 6, 1, 8)).astype(np.float32)
+    k, v = (rng.normal(0, 3, (3, 2, 40, 8)).astype(np.float32) for _ in range(2))
+    k_new, v_new = (rng.standard_normal((3, 2, 1, 8)).astype(np.float32) for _ in range(2))
+    keep = rng.random((3, 40)) > 0.3
+    keep[1] = False  # a row with nothing cached: the new key alone
+    k[2, :, 5] = 50 * q[2, ::3, 0]  # a cached key whose score dwarfs the new one's
+    keep[2, 5] = True
+    fn = attention_ops.attention_with_new_key
+    if compiled:
+        fn = ms.jit(fn, capture_mode="ast")
+    bias = attention_ops.attention_bias(Tensor(keep[:, None, None, :]))
+    got = fn(Tensor(q), Tensor(k), Tensor(v), bias, Tensor(k_new), Tensor(v_new), 8 ** -0.5).asnumpy()
+    full = np.concatenate([keep, np.ones((3, 1), bool)], 1)
+    want = attention_ops.attention(Tensor(q), Tensor(np.concatenate([k, k_new], 2)),
+                                   Tensor(np.concatenate([v, v_new], 2)),
+                                   attention_ops.attention_bias(Tensor(full[:, None, None, :])), 8 ** -0.5).asnumpy()
+    assert got.shape == (3, 1, 48)
+    assert relative_l2(got, want) < 1e-6
+    np.testing.assert_allclose(got[1].reshape(2, 3, 8), np.repeat(v_new[1], 3, axis=1), rtol=1e-6)
