@@ -347,7 +347,8 @@ class ContinuousBatch:
         if kind == "decode":  # n rows: row 0, written at its last slot, which no row ever reads (a request's last
             zeros = np.zeros((n, 1), np.int32)  # token is never fed: `Join` keeps prompt + answer within the row)
             last = np.full(n, self.length - 1, np.int32)
-            caches = as_graph_inputs([t for layer in self.caches[0].layers for _ in range(n) for t in (layer.k, layer.v)])
+            caches = as_graph_inputs([t for layer in self.caches[0].layers for _ in range(n)
+                                      for t in (layer.k, layer.v)])
             self._step(n)(Tensor(zeros), Tensor(last[:, None]), Tensor(last), Tensor(np.zeros((n, self.length),
                                                                                             np.bool_)), *caches)
         elif kind == "prefill":
