@@ -88,7 +88,7 @@ def continuous_point(model, processor, length: int, n: int, steps: int) -> tuple
         messages = [{"role": "user", "content": [{"type": "text", "text": f"Question {i}: tell me a story."}]}]
         rows.append(Row(processor.chat_inputs(messages, []), SamplingParams(max_new_tokens=length // 2)))
         batch.join(rows[-1])
-        while batch.joining is not None:
+        while batch.joins:
             batch.advance()
     batch.step()  # compiles
     result = timed(batch.step, steps)

@@ -10,9 +10,13 @@ joining and leaving compile nothing).
 A request joins in pieces, one piece between two decode steps, so that the running rows keep streaming: its images
 through the vision tower a few tiles at a time (or from the image-feature cache), then its prompt `prefill_piece`
 tokens at a time into a one-row working cache of its own length bucket; its keys and values are then copied into
-its row and it decodes with the others. A row that ended stays parked with its tokens: a request whose prompt
-begins the same way (`prefix.reusable_prefix`: ids, images by their key) takes that row and prefills only the rest
-— a conversation's next turn, or another question about the same picture.
+its row and it decodes with the others. Several requests may be joining at once (`max_joining`); each step's piece
+goes to the one with the fewest pieces left, so a short request that arrives while a photo is being encoded does
+not wait for that photo (shortest remaining work first; one passed over `MAX_PASSED` times in a row goes next).
+
+A row that ended stays parked with its tokens: a request whose prompt begins the same way
+(`prefix.reusable_prefix`: ids, images by their key) takes that row and prefills only the rest — a conversation's
+next turn, or another question about the same picture.
 
 Greedy rows take the argmax of the step's logits (computed in the graph); sampled rows draw from their own seeded
 generator (`generation.Sampler`), so an answer does not depend on what else runs. Rows are objects with `inputs`
@@ -36,6 +40,8 @@ from .runtime import as_graph_inputs, jit_cell
 
 PREFILL_PIECE = 256  # prompt tokens per prefill piece of a joining request
 VISION_PIECE = 2  # image tiles per vision piece of a joining request
+MAX_JOINING = 4  # requests joining at once (each holds a working cache of its prompt's length bucket)
+MAX_PASSED = 8  # pieces a joining request lets others go before it runs whatever they have left
 
 
 class RowsStep(nn.Cell):
@@ -67,7 +73,7 @@ class Slot:
 class Join:
     """A request on its way into a row: the vision pieces, then the prefill pieces, then the copy into its row."""
 
-    def __init__(self, batch: "ContinuousBatch", row):
+    def __init__(self, batch: "ContinuousBatch", row, taken=()):
         model, cfg = batch.model, batch.model.config
         self.batch, self.row = batch, row
         inputs = row.inputs
@@ -83,15 +89,28 @@ class Join:
         tiles = [len(tiles) for _, tiles, _ in self.images]
         self.spans = image_spans(self.ids, cfg.image_token_id, cfg.image_seq_len, tiles,
                                  [key for key, _, _ in self.images])
-        self.index, self.reused = batch.choose_row(self.ids, self.spans)
+        self.index, self.reused = batch.choose_row(self.ids, self.spans, taken)
         # the images after the reused prefix: their features, found in the cache or computed in pieces
         self.needed = [i for i, (start, _, _) in enumerate(self.spans) if start >= self.reused]
         self.features: Dict[int, Tensor] = {}
+        for i in self.needed:  # now, so that pieces_left knows (and again before computing: another may store it)
+            found = batch.image_cache.lookup(self.images[i][0])
+            if found is not None:
+                self.features[i] = found
         self.partial: List[Tensor] = []
         self.vision_tiles = 0
         self.embeds: Optional[Tensor] = None
         self.next = self.reused  # the next prompt slot to prefill
+        self.work = None  # its working cache, from the first prefill piece to the copy into its row
         self.logits: Optional[np.ndarray] = None
+        self.passed = 0  # pieces run for other joining requests since its last one
+
+    def pieces_left(self) -> int:
+        """How many `advance` calls it still needs (images found in the cache later count as needing theirs)."""
+        done = sum(part.shape[0] for part in self.partial)
+        tiles = sum(len(self.images[i][1]) for i in self.needed if i not in self.features) - done
+        prefill = -(-(len(self.ids) - self.next) // self.batch.prefill_piece)
+        return -(-tiles // self.batch.vision_piece) + max(prefill, 1)
 
     def advance(self) -> bool:
         """One piece of work (a few tiles of vision, or one prefill piece); True when the request's prompt is in
@@ -107,8 +126,15 @@ class Join:
         self._prefill_piece()
         if self.next < len(self.ids):
             return False
-        self.batch.caches[self.index].copy_row(0, self.batch.work, 0, len(self.ids))
+        self.batch.caches[self.index].copy_row(0, self.work, 0, len(self.ids))
+        self.release()
         return True
+
+    def release(self) -> None:
+        """Give its working cache back (done, failed or dropped)."""
+        work, self.work = self.work, None
+        if work is not None:
+            self.batch.give_back(work)
 
     def _vision_piece(self) -> bool:
         """Run the next few tiles of the next image that needs them; False when every image has its features."""
@@ -139,10 +165,10 @@ class Join:
         batch, text = self.batch, self.batch.model.model.text_model
         piece, n, start = batch.prefill_piece, len(self.ids), self.next
         if start == self.reused:  # the first piece: a working cache for all of them, with the reused prefix
-            batch.working_cache(self.reused + -(-(n - self.reused) // piece) * piece)
+            self.work = batch.working_cache(self.reused + -(-(n - self.reused) // piece) * piece)
             if self.reused:
-                batch.work.copy_row(0, batch.caches[self.index], 0, self.reused)
-        work = batch.work
+                self.work.copy_row(0, batch.caches[self.index], 0, self.reused)
+        work = self.work
         h = self.embeds[:, start - self.reused:min(start + piece, n) - self.reused]
         if h.shape[1] < piece:
             h = ops.cat((h, ops.zeros((1, piece - h.shape[1], h.shape[-1]), h.dtype)), axis=1)
@@ -157,11 +183,11 @@ class Join:
 
 
 class ContinuousBatch:
-    """`rows` slots of `length` tokens each, and at most one request joining at a time (see the module)."""
+    """`rows` slots of `length` tokens each, and up to `max_joining` requests joining at a time (see the module)."""
 
     def __init__(self, model, rows: int, length: int, stop_ids, *, image_cache: Optional[ImageFeatureCache] = None,
                  prefill_piece: int = PREFILL_PIECE, vision_piece: int = VISION_PIECE,
-                 log: Optional[logging.Logger] = None):
+                 max_joining: int = MAX_JOINING, log: Optional[logging.Logger] = None):
         if length != cache_length(length):
             raise Idefics3Error(f"a row's length must be {CACHE_BUCKET} × a power of two, got {length}")
         self.model, self.rows, self.length = model, rows, length
@@ -169,15 +195,16 @@ class ContinuousBatch:
         self.image_cache = image_cache if image_cache is not None else ImageFeatureCache(0)
         self.prefill_piece = min(prefill_piece, length // 2)
         self.vision_piece = vision_piece
+        self.max_joining = max(1, min(max_joining, rows))
         self.log = log
         text = model.model.text_model
         # a cache of its own for each row: a step reads and writes only the rows that run (MindSpore's CPU
         # scatter copies the whole tensor it writes into; a copy of a few rows out of one cache cost more still)
         self.caches = [text.new_caches(1, length) for _ in range(rows)]
         self.slots: List[Optional[Slot]] = [None] * rows  # None: never used
-        self.joining: Optional[Join] = None
+        self.joins: List[Join] = []  # the requests joining, oldest first
         self.reused_tokens = 0  # prompt tokens taken from parked rows, in all
-        self.work = None  # the working cache of the joining request (one row)
+        self._spare: List = []  # working caches not in use, kept for the next joins (at most max_joining)
         self._steps: Dict[int, object] = {}  # compiled decode step by number of rows (`step_sizes`)
         self._clock = 0
 
@@ -188,11 +215,14 @@ class ContinuousBatch:
 
     def idle(self) -> bool:
         """Nothing joining, nothing running."""
-        return self.joining is None and not self.running
+        return not self.joins and not self.running
 
     def has_room(self) -> bool:
-        """Whether a request can start joining now (one joins at a time; it needs a row that nobody runs in)."""
-        return self.joining is None and any(slot is None or slot.row is None for slot in self.slots)
+        """Whether a request can start joining now: fewer than max_joining are, and a row is neither running nor
+        taken by one joining."""
+        taken = {join.index for join in self.joins}
+        return len(self.joins) < self.max_joining and any(
+            (slot is None or slot.row is None) and i not in taken for i, slot in enumerate(self.slots))
 
     def step_sizes(self) -> List[int]:
         """Every number of rows a decode step runs (the running rows, padded up to the next of these)."""
@@ -202,17 +232,17 @@ class ContinuousBatch:
             n *= 2
         return out + [self.rows]
 
-    def choose_row(self, ids: np.ndarray, spans: list):
+    def choose_row(self, ids: np.ndarray, spans: list, taken=()):
         """(row index, tokens reused): the parked row that gives the longest prefix, when that is at least half of
         what the row holds (as llama.cpp's slot similarity: a short shared start, a system prompt's first tokens,
         must not cost a conversation its cached turns); else a row never used, else the least recently used
-        parked one (with whatever prefix it gives)."""
-        parked = [i for i, slot in enumerate(self.slots) if slot is not None and slot.row is None]
+        parked one (with whatever prefix it gives). Rows in `taken` (other joining requests') are not chosen."""
+        parked = [i for i, slot in enumerate(self.slots) if slot is not None and slot.row is None and i not in taken]
         reuse = {i: reusable_prefix(self.slots[i].ids, self.slots[i].spans, ids, spans) for i in parked}
         best = max((i for i in parked if 2 * reuse[i] >= len(self.slots[i].ids) and reuse[i]),
                    key=lambda i: reuse[i], default=None)
         if best is None:
-            free = [i for i, slot in enumerate(self.slots) if slot is None]
+            free = [i for i, slot in enumerate(self.slots) if slot is None and i not in taken]
             if free:
                 return free[0], 0
             if not parked:
@@ -221,44 +251,65 @@ class ContinuousBatch:
         return best, reuse[best]
 
     def working_cache(self, slots: int):
-        """The one-row working cache for a prompt of `slots` slots (a length bucket). Only the last one is kept (the
-        compiled prefill takes the caches as inputs, so a new one compiles nothing; keeping every bucket's would
-        hold about two rows' worth more)."""
+        """A one-row working cache for a prompt of `slots` slots (its length bucket): a spare one of that length,
+        else a new one (the compiled prefill takes the caches as inputs, so a new one compiles nothing)."""
         length = cache_length(slots)
-        if self.work is None or self.work.shape[1] != length:
-            self.work = None  # the old one goes before the new one is made
-            self.work = self.model.model.text_model.new_caches(1, length)
-        return self.work
+        for i, work in enumerate(self._spare):
+            if work.shape[1] == length:
+                return self._spare.pop(i)
+        self._trim(1)  # the old ones go before the new one is made
+        return self.model.model.text_model.new_caches(1, length)
+
+    def give_back(self, work) -> None:
+        """A working cache a join no longer needs: kept as a spare."""
+        self._spare.append(work)
+        self._trim(0)
+
+    def _trim(self, making: int) -> None:
+        """Working caches in use, spare and about to be made stay within max_joining (the oldest spares go)."""
+        in_use = sum(join.work is not None for join in self.joins)
+        while self._spare and len(self._spare) + in_use + making > self.max_joining:
+            self._spare.pop(0)
 
     # ------------------------------------------------------------------------------------------- work
     def join(self, row) -> None:
         """Start `row` on its way in (has_room() must be True); a request that cannot run fails at once."""
         try:
-            self.joining = Join(self, row)
-            slot = self.slots[self.joining.index]
-            if slot is not None:  # its row is taken: the parked tokens go (the prefix reused stays)
-                slot.ids, slot.spans = slot.ids[:self.joining.reused], []
+            join = Join(self, row, {j.index for j in self.joins})
         except Exception as e:  # noqa: BLE001 - the request's failure, not the batch's
-            self.joining = None
             self._fail(row, e)
+            return
+        slot = self.slots[join.index]
+        if slot is not None:  # its row is taken: the parked tokens go (the prefix reused stays)
+            slot.ids, slot.spans = slot.ids[:join.reused], []
+        self.joins.append(join)
+
+    def next_join(self) -> Optional[Join]:
+        """The joining request that gets the next piece: the one with the fewest pieces left (the oldest among
+        equals), unless one has been passed over MAX_PASSED times in a row."""
+        if not self.joins:
+            return None
+        starved = [j for j in self.joins if j.passed >= MAX_PASSED]
+        return starved[0] if starved else min(self.joins, key=Join.pieces_left)
 
     def advance(self) -> None:
-        """One piece of the joining request; when its prompt is in, it becomes a running row with its first
-        token. A row that is `done` before (its owner gave it up) is dropped."""
-        join = self.joining
+        """One piece of a joining request (`next_join`); when its prompt is in, it becomes a running row with its
+        first token. A joining row that is `done` (its owner gave it up) is dropped."""
+        for gone in [j for j in self.joins if j.row.done]:  # their clients went away while they joined
+            self._drop(gone)
+        join = self.next_join()
         if join is None:
             return
+        for other in self.joins:
+            other.passed = 0 if other is join else other.passed + 1
         try:
-            if join.row.done:  # its client went away while it joined
-                self.joining = None
-                return
             if not join.advance():
                 return
         except Exception as e:  # noqa: BLE001
-            self.joining = None
+            self._drop(join)
             self._fail(join.row, e)
             return
-        self.joining = None
+        self.joins.remove(join)
         self.reused_tokens += join.reused
         self._clock += 1
         slot = Slot(join.ids, join.spans, join.row, Sampler(join.row.params, 1))
@@ -319,6 +370,12 @@ class ContinuousBatch:
         else:
             slot.token = token
 
+    def _drop(self, join: Join) -> None:
+        """A joining request that will not run. Its row keeps the prefix it reused (a join writes into its row
+        only at its end, and then the same keys for those slots)."""
+        self.joins.remove(join)
+        join.release()
+
     def _fail(self, row, error: Exception) -> None:
         if self.log is not None:
             self.log.error("request failed: %s: %s", type(error).__name__, error, exc_info=error)
@@ -358,6 +415,7 @@ class ContinuousBatch:
             text.use_caches(work)
             text.extend(ops.zeros((1, piece, hidden), self.model.dtype), Tensor(slots[None]),
                         Tensor(np.ones((1, n), np.bool_)), Tensor(slots))
+            self.give_back(work)
         elif kind in ("vision", "vision padded"):
             size = self.model.config.vision_config.image_size
             mask = np.ones((1, n, size, size), np.int64)

@@ -326,34 +326,39 @@ class Engine:
             log.info("warm-up: %d graphs compiled in %.1f s", len(plan), time.perf_counter() - started)
 
     def _run_continuous(self) -> None:
-        """Until stopped with nothing left: let the next waiting request start joining when a row is free, run
-        one piece of the joining request, one decode step of the running rows."""
+        """Until stopped with nothing left: let waiting requests start joining while there is room, run one piece
+        of a joining request, one decode step of the running rows."""
         batch, metrics = self.batch, self.metrics
         while True:
-            job = None
+            jobs = []
             with self._cond:
                 while not self._waiting and batch.idle() and not self._stopping:
                     self._cond.wait()
                 if self._stopping and not self._waiting and batch.idle():
                     return
-                if batch.has_room():
-                    while self._waiting and job is None:
-                        job = self._waiting.popleft()
-                        if job.cancelled.is_set():
-                            self.metrics.finished.labels("cancelled").inc()
-                            job = None
+                while self._waiting and len(jobs) < batch.max_joining - len(batch.joins):
+                    job = self._waiting.popleft()
+                    if job.cancelled.is_set():
+                        self.metrics.finished.labels("cancelled").inc()
+                    else:
+                        jobs.append(job)
                 metrics.queue_depth.set(len(self._waiting))
-            if job is not None:
+            for n, job in enumerate(jobs):
+                if not batch.has_room():  # no row for it (and those after it) yet: back to the front, in order
+                    with self._cond:
+                        self._waiting.extendleft(reversed(jobs[n:]))
+                        metrics.queue_depth.set(len(self._waiting))
+                    break
                 metrics.prompt_tokens.inc(job.prepared.prompt_tokens)
                 batch.join(Row(job, self.processor.tokenizer, metrics))
-            joining = batch.joining
-            if joining is not None and joining.row.job.cancelled.is_set():
-                joining.row.cancel()
+            for joining in batch.joins:
+                if joining.row.job.cancelled.is_set() and not joining.row.done:
+                    joining.row.cancel()
             reused = batch.reused_tokens
             batch.advance()
             metrics.prefix_reused_tokens.inc(batch.reused_tokens - reused)
             batch.step()
-            metrics.running.set(len(batch.running) + (batch.joining is not None))
+            metrics.running.set(len(batch.running) + len(batch.joins))
             metrics.batch_size.set(len(batch.running))
             if self.image_cache is not None:
                 metrics.count_image_cache(self.image_cache)

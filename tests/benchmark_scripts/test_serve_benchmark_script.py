@@ -46,3 +46,37 @@ def test_image_reuse_help_documents_the_requests():
     assert r.returncode == 0
     for words in ("one pixel changed", "max_tokens 1", "hit counter", "serve-image-reuse-smolvlm-256m-cpu.json"):
         assert words in r.stdout
+
+
+def test_poisson_mixes():
+    """--mix photos: a new photo per request, as before; --mix mixed: new photos, text-only questions and further
+    questions about photos already sent (never one not sent yet)."""
+    import argparse
+
+    import numpy as np
+
+    bench = load()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scheduler_scenarios
+
+    images = [f"data:image/jpeg;base64,{i}" for i in range(40)]
+
+    def bodies(mix):
+        args = argparse.Namespace(mix=mix, requests=40, max_tokens=8)
+        return scheduler_scenarios.poisson_bodies(bench, args, images, np.random.default_rng(0))
+
+    def url(body):
+        part = body["messages"][0]["content"][0]
+        return part["image_url"]["url"] if part["type"] == "image_url" else None
+
+    assert [url(b) for b in bodies("photos")] == images
+    mixed, seen, kinds = bodies("mixed"), [], {"photo": 0, "text": 0, "again": 0}
+    for body in mixed:
+        u = url(body)
+        kind = "text" if u is None else "again" if u in seen else "photo"
+        assert kind != "photo" or u == images[len(seen)]  # new photos in order, each once
+        seen += [u] if kind == "photo" else []
+        kinds[kind] += 1
+    assert all(n >= 6 for n in kinds.values()), kinds
+    out = bench.parse_args(["--scenario", "poisson", "--mix", "mixed"]).out
+    assert out.endswith("serve-poisson-mixed-smolvlm-256m-cpu.json")

@@ -29,6 +29,7 @@ class Row:
     def __init__(self, inputs, params: SamplingParams):
         self.inputs, self.params = inputs, params
         self.tokens, self.reason, self.done, self.error = [], None, False, None
+        self.first = None  # the step of its first token (run)
 
     def add(self, token, finish_reason):
         self.tokens.append(token)
@@ -57,17 +58,21 @@ def inputs_for(processor, text, images=(), history=()):
     return processor.chat_inputs(messages, list(images))
 
 
-def run(batch, arrivals):
-    """arrivals: {step number: [rows]}; steps until every row is done. A row joins when there is room."""
+def run(batch, arrivals, limit=500):
+    """arrivals: {step number: [rows]}; steps until every row is done. Rows join while there is room; each row's
+    `first` is the step at which it got its first token."""
     waiting, step, rows = [], 0, [r for group in arrivals.values() for r in group]
     while not all(r.done for r in rows):
         waiting += arrivals.get(step, [])
-        if waiting and batch.has_room():
+        while waiting and batch.has_room():
             batch.join(waiting.pop(0))
         batch.advance()
         batch.step()
+        for r in rows:
+            if r.tokens and r.first is None:
+                r.first = step
         step += 1
-        assert step < 500
+        assert step < limit
     return rows
 
 
@@ -189,3 +194,66 @@ def test_a_short_shared_start_does_not_take_a_conversations_row(demo):
     image_end = int(np.flatnonzero(first_inputs["input_ids"][0] == model.config.image_token_id)[-1]) + 1
     assert batch.reused_tokens - before >= image_end
     assert follow.tokens == alone(model, follow.inputs, follow.params)
+
+
+def test_several_requests_join_at_once_and_the_shortest_goes_first(demo):
+    """A short request that arrives while a photo is being encoded does not wait for the photo: both join, the
+    one with fewer pieces left gets them first; every answer (greedy and sampled) is still the answer alone, and
+    two joining requests never take the same row."""
+    _, model, processor = demo
+    batch = ContinuousBatch(model, 4, 512, stop_token_ids(model), image_cache=ImageFeatureCache(64 * 2**20),
+                            prefill_piece=64, vision_piece=1, max_joining=3)
+    photo = Row(inputs_for(processor, "Describe it.", [picture(8, 150, 100)]), SamplingParams(max_new_tokens=8))
+    photo2 = Row(inputs_for(processor, "And this one?", [picture(9, 120, 120)]),
+                 SamplingParams(max_new_tokens=7, do_sample=True, temperature=1.3, top_k=0, seed=5))
+    short = Row(inputs_for(processor, "a short one"),
+                SamplingParams(max_new_tokens=6, do_sample=True, temperature=1.1, top_k=0, seed=2))
+    seen_rows = []
+    original = batch.join
+
+    def join(row):
+        original(row)
+        seen_rows.append([j.index for j in batch.joins])
+
+    batch.join = join
+    run(batch, {0: [photo], 2: [photo2, short]})
+    assert any(len(rows) == 3 and len(set(rows)) == 3 for rows in seen_rows)  # three joining at once, three rows
+    assert short.first < photo.first and short.first < photo2.first
+    for row in (photo, photo2, short):
+        assert row.error is None and row.tokens == alone(model, row.inputs, row.params)
+
+
+def test_a_long_join_is_not_starved_by_short_ones(demo):
+    """Short requests arriving at every step take the pieces first, but the photo's join still gets one piece in
+    every MAX_PASSED + 1 and answers as alone."""
+    from mindone_idefics3.continuous import MAX_PASSED
+
+    _, model, processor = demo
+    batch = ContinuousBatch(model, 4, 512, stop_token_ids(model), prefill_piece=64, vision_piece=1, max_joining=2)
+    photo = Row(inputs_for(processor, "Describe it.", [picture(10, 150, 100)]), SamplingParams(max_new_tokens=4))
+    shorts = {step: [Row(inputs_for(processor, f"short {step}"), SamplingParams(max_new_tokens=2))]
+              for step in range(1, 120)}
+    counting = ContinuousBatch(model, 1, 512, stop_token_ids(model), prefill_piece=64, vision_piece=1)
+    counting.join(Row(photo.inputs, photo.params))
+    pieces = counting.joins[0].pieces_left()  # what the photo's join needs
+    run(batch, {0: [photo], **shorts}, limit=800)
+    assert 5 <= pieces and photo.first <= (pieces + 1) * (MAX_PASSED + 1)
+    assert photo.first < max(r.first for group in shorts.values() for r in group)
+    assert photo.tokens == alone(model, photo.inputs, photo.params)
+
+
+def test_a_request_given_up_while_joining_frees_its_row_and_working_cache(demo):
+    _, model, processor = demo
+    batch = ContinuousBatch(model, 2, 512, stop_token_ids(model), prefill_piece=64, vision_piece=1, max_joining=2)
+    gone = Row(inputs_for(processor, "Describe it. " * 20, [picture(11, 150, 100)]), SamplingParams(max_new_tokens=4))
+    batch.join(gone)
+    while batch.joins[0].work is None:  # into its prefill pieces: it holds a working cache
+        batch.advance()
+    gone.done = True
+    batch.advance()
+    assert not batch.joins and len(batch._spare) <= batch.max_joining
+    rows = [Row(inputs_for(processor, f"next {i}"), SamplingParams(max_new_tokens=5)) for i in range(2)]
+    run(batch, {0: rows})
+    for row in rows:
+        assert row.error is None and row.tokens == alone(model, row.inputs, row.params)
+    assert not gone.tokens
