@@ -94,7 +94,7 @@ class Join:
         self.needed = [i for i, (start, _, _) in enumerate(self.spans) if start >= self.reused]
         self.features: Dict[int, Tensor] = {}
         for i in self.needed:  # now, so that pieces_left knows (and again before computing: another may store it)
-            found = batch.image_cache.lookup(self.images[i][0])
+            found = batch.image_cache.lookup(self.images[i][0], count_miss=False)
             if found is not None:
                 self.features[i] = found
         self.partial: List[Tensor] = []

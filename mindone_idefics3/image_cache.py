@@ -89,11 +89,12 @@ class ImageFeatureCache:
         return [(self._key(model, tiles, keep), tiles, keep)
                 for tiles, keep in _images(pixel_values, mask, getattr(inputs, "image_tiles", None))]
 
-    def lookup(self, key: bytes) -> Optional[Tensor]:
-        """An image's features by its key (counted as a hit), or None (a miss)."""
+    def lookup(self, key: bytes, count_miss: bool = True) -> Optional[Tensor]:
+        """An image's features by its key (counted as a hit), or None (a miss; count_miss=False: not counted yet,
+        for a caller that looks again before computing the features)."""
         found = self._get(key) if self.max_bytes else None
         if found is None:
-            self.misses += 1
+            self.misses += count_miss
         else:
             self.hits += 1
         return found
