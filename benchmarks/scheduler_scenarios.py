@@ -66,8 +66,7 @@ def poisson(bench, args, server, images) -> Dict:
     rng = np.random.default_rng(args.seed)
     arrivals = np.cumsum(rng.exponential(1 / args.rate, args.requests))
     arrivals -= arrivals[0]
-    bodies = [request(images[i % len(images)], bench.QUESTIONS[i % len(bench.QUESTIONS)], args.max_tokens)
-              for i in range(args.requests)]
+    bodies = poisson_bodies(bench, args, images, rng)
     results: List[Dict] = [None] * args.requests
     t0 = time.perf_counter()
 
@@ -86,11 +85,33 @@ def poisson(bench, args, server, images) -> Dict:
     tokens = sum(r["completion_tokens"] for r in ok)
     ttft = sorted(r["ttft"] for r in ok)
     latency = sorted(r["latency"] for r in ok)
-    return dict(requests=args.requests, answered=len(ok), rate_per_s=args.rate, seconds=round(end, 1),
+    return dict(requests=args.requests, mix=args.mix, answered=len(ok), rate_per_s=args.rate, seconds=round(end, 1),
                 completion_tokens=tokens, tokens_per_s=round(tokens / end, 3),
                 ttft_p50=round(bench.pct(ttft, 50), 2), ttft_p95=round(bench.pct(ttft, 95), 2),
                 latency_p50=round(bench.pct(latency, 50), 2), latency_p95=round(bench.pct(latency, 95), 2),
                 answers=[r["text"] for r in ok])
+
+
+TEXT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+                  "Explain in one sentence what a neural network is.", "Give me three names for a cat."]
+
+
+def poisson_bodies(bench, args, images, rng) -> List[Dict]:
+    """The requests of the poisson scenario (see serve_benchmark's docstring for --mix)."""
+    if args.mix == "photos":
+        return [request(images[i % len(images)], bench.QUESTIONS[i % len(bench.QUESTIONS)], args.max_tokens)
+                for i in range(args.requests)]
+    bodies, sent = [], []
+    for i in range(args.requests):
+        kind = rng.choice(["photo", "text", "again"], p=[0.4, 0.3, 0.3])
+        if kind == "again" and sent:
+            bodies.append(request(sent[int(rng.integers(len(sent)))], bench.QUESTIONS[1], args.max_tokens))
+        elif kind == "text":
+            bodies.append(request(None, TEXT_QUESTIONS[i % len(TEXT_QUESTIONS)], args.max_tokens))
+        else:
+            sent.append(images[len(sent) % len(images)])
+            bodies.append(request(sent[-1], bench.QUESTIONS[0], args.max_tokens))
+    return bodies
 
 
 def arrival(bench, args, server, images) -> Dict:
@@ -142,14 +163,15 @@ def soak(bench, args, server, images) -> Dict:
                 failed.append((i, r["status"]))
             elif first_answer.setdefault(key, r["text"]) != r["text"]:
                 unstable.append(i)
-            if done[0] in (20, args.requests):
+            if done[0] % 20 == 0 or done[0] == args.requests:  # the curve: a plateau and a leak look alike at 2 points
                 rss[done[0]] = current_rss_mb(server.proc.pid)
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(one, range(args.requests)))
     return dict(requests=args.requests, failed=failed, unstable_answers=unstable,
                 rss_mb_after_20=rss.get(20), rss_mb_after_last=rss.get(args.requests),
-                rss_ratio=round(rss[args.requests] / rss[20], 3) if 20 in rss else None)
+                rss_ratio=round(rss[args.requests] / rss[20], 3) if 20 in rss else None,
+                rss_mb_every_20={n: round(v, 1) for n, v in sorted(rss.items())})
 
 
 def current_rss_mb(pid: int) -> float:

@@ -28,7 +28,10 @@ same run, and writes serve-<scenario>-smolvlm-256m-cpu.json/.md):
     python benchmarks/serve_benchmark.py --scenario soak --requests 200 --schedulers continuous
 
 - poisson: requests arrive at random (exponential gaps, mean 1/--rate s, seeded), each from its own client; TTFT
-  and latency p50/p95, aggregate completion tokens/s (all tokens / first send → last end).
+  and latency p50/p95, aggregate completion tokens/s (all tokens / first send → last end). --mix photos: each
+  request a new photo (13 tiles at defaults: ~40 s of vision + prefill here, so 0.05/s is more than this CPU
+  serves and both schedulers queue); --mix mixed, a server's traffic: 40% a new photo, 30% a text-only question,
+  30% another question about a photo sent before (seeded draws).
 - arrival: client A streams a --long-tokens answer; once A has streamed 20 tokens, client B sends a photo question
   (--max-tokens). B's TTFT against B alone (measured first, same server, another photo of the same size: nothing
   of B's is cached), A's largest gap between two chunks.
@@ -78,12 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedulers", default="continuous,static", help="scenarios other than levels: the servers "
                    "compared (default continuous,static)")
     p.add_argument("--rate", type=float, default=0.05, help="poisson: mean arrivals per second (default 0.05)")
+    p.add_argument("--mix", choices=["photos", "mixed"], default="photos",
+                   help="poisson: photos (default: every request a new photo) or mixed (new photos, text-only "
+                        "questions, another question about a photo sent before; see the module)")
     p.add_argument("--long-tokens", type=int, default=600, help="arrival: client A's answer length (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-option", action="append", default=[], metavar="OPT",
                    help="extra idefics3-serve option (repeatable, e.g. --server-option=--no-image-splitting)")
     args = p.parse_args(argv)
     suffix = "" if args.scenario == "levels" else f"-{args.scenario}"
+    suffix += "-mixed" if args.scenario == "poisson" and args.mix == "mixed" else ""
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"serve{suffix}-smolvlm-256m-cpu.json")
     args.scheduler_list = [x.strip() for x in args.schedulers.split(",") if x.strip()]
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
