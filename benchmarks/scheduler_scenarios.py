@@ -152,22 +152,24 @@ def soak(bench, args, server, images) -> Dict:
     first_answer: Dict[str, str] = {}
     unstable, failed, rss = [], [], {}
     lock = threading.Lock()
-    done = [0]
 
     def one(i):
         r = stream(server.base, bodies[i])
         key = json.dumps(bodies[i], sort_keys=True)
         with lock:
-            done[0] += 1
             if r["status"] != 200:
                 failed.append((i, r["status"]))
             elif first_answer.setdefault(key, r["text"]) != r["text"]:
                 unstable.append(i)
-            if done[0] % 20 == 0 or done[0] == args.requests:  # the curve: a plateau and a leak look alike at 2 points
-                rss[done[0]] = current_rss_mb(server.proc.pid)
 
+    # RSS after every 20 requests, the clients idle (as tests/serve/test_serve_soak.py): a sample taken while
+    # requests are in flight counts their pixels, features and caches, and a plateau and a leak look alike at 2 points
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(one, range(args.requests)))
+        for start in range(0, args.requests, 20):
+            end = min(start + 20, args.requests)
+            list(pool.map(one, range(start, end)))
+            time.sleep(1.0)
+            rss[end] = current_rss_mb(server.proc.pid)
     return dict(requests=args.requests, failed=failed, unstable_answers=unstable,
                 rss_mb_after_20=rss.get(20), rss_mb_after_last=rss.get(args.requests),
                 rss_ratio=round(rss[args.requests] / rss[20], 3) if 20 in rss else None,
