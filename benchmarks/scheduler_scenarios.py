@@ -89,7 +89,10 @@ def poisson(bench, args, server, images) -> Dict:
                 completion_tokens=tokens, tokens_per_s=round(tokens / end, 3),
                 ttft_p50=round(bench.pct(ttft, 50), 2), ttft_p95=round(bench.pct(ttft, 95), 2),
                 latency_p50=round(bench.pct(latency, 50), 2), latency_p95=round(bench.pct(latency, 95), 2),
-                answers=[r["text"] for r in ok])
+                answers=[r["text"] for r in ok],
+                per_request=[dict(sent=round(r["sent"], 2), ttft=round(r["ttft"], 2), latency=round(r["latency"], 2),
+                                  image=bodies[i]["messages"][0]["content"][0]["type"] == "image_url")
+                             for i, r in enumerate(results) if r["status"] == 200])
 
 
 TEXT_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -203,7 +206,7 @@ def main(args, bench) -> int:
                           server_peak_rss_mb=round(server.peak_rss_mb()))
         finally:
             server.stop()
-        print(json.dumps({k: v for k, v in result.items() if k != "answers"}), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("answers", "per_request")}), flush=True)
         rows.append(result)
     if args.scenario == "poisson" and len(rows) == 2:
         rows[0]["answers_equal_other_scheduler"] = rows[0]["answers"] == rows[1]["answers"]
@@ -213,7 +216,7 @@ def main(args, bench) -> int:
     result = dict(machine=machine, scenario=args.scenario, photo_size=f"{args.width}x{args.height}",
                   server_options=args.server_option, max_tokens=args.max_tokens, rows=rows)
     write_json(out, result)
-    keys = [k for k in rows[0] if k not in ("answers", "failed", "unstable_answers")]
+    keys = [k for k in rows[0] if k not in ("answers", "failed", "unstable_answers", "per_request")]
     lines = [f"Machine: {machine['cpu']}, {machine['cores_usable']} usable cores; MindSpore {machine['mindspore']}; "
              f"{machine['date']}; load average {load_at_start:.1f} at start, {machine['load_average_1min_at_end']:.1f}"
              f" at end. Scenario {args.scenario}; server options {' '.join(args.server_option) or '(defaults)'}.", "",

@@ -36,7 +36,8 @@ same run, and writes serve-<scenario>-smolvlm-256m-cpu.json/.md):
   (--max-tokens). B's TTFT against B alone (measured first, same server, another photo of the same size: nothing
   of B's is cached), A's largest gap between two chunks.
 - soak: 4 clients send --requests short mixed requests (text only, photo, repeated photo, sampled with a seed);
-  greedy answers compared with the first answer to the same request, server RSS after every 20 requests, the clients idle.
+  greedy answers compared with the first answer to the same request, server RSS after every 20 requests (the
+  clients idle).
 """
 from __future__ import annotations
 
